@@ -130,8 +130,15 @@ class VAE(nn.Module):
         h_quarter = self.enc_quarter(h_half)  # (B, 2h, S/4, S/4)
         return h_half, h_quarter
 
-    def _posterior_pass(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One draw z ~ q(z|x). Returns log p(x|z), log p(z), log q(z|x), KL (nats, (B,))."""
+    def _posterior_pass(
+        self, x: torch.Tensor, noise: list[torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One draw z ~ q(z|x). Returns log p(x|z), log p(z), log q(z|x), KL (nats, (B,)).
+
+        ``noise`` optionally fixes the standard-normal draw of each group (same
+        shapes as the posterior means), so that a caller can make scores
+        reproducible per image.
+        """
         h_half, h_quarter = self._encode(x)
         terms = {"log_pz": 0.0, "log_qz": 0.0, "kl": 0.0}
 
@@ -142,7 +149,8 @@ class VAE(nn.Module):
                 q = self.posterior_mid(torch.cat([h_half, feat], dim=1))
             q_mean, q_log_scale = q.chunk(2, dim=1)
             q_log_scale = soft_clamp(q_log_scale)
-            z = q_mean + torch.exp(q_log_scale) * torch.randn_like(q_mean)
+            eps = noise[i] if noise is not None else torch.randn_like(q_mean)
+            z = q_mean + torch.exp(q_log_scale) * eps
             terms["log_qz"] += gaussian_log_prob(z, q_mean, q_log_scale).flatten(1).sum(1)
             terms["log_pz"] += gaussian_log_prob(z, prior_mean, prior_log_scale).flatten(1).sum(1)
             kl = gaussian_kl(q_mean, q_log_scale, prior_mean, prior_log_scale)
@@ -182,13 +190,24 @@ class VAE(nn.Module):
         ``log (1/k) sum_i p(x, z_i) / q(z_i | x)``: a lower bound of log p(x) that is
         on average at least the ELBO and tightens as k grows.
         """
+        return self.iwae_and_elbo(x, k)[0]
+
+    def iwae_and_elbo(
+        self, x: torch.Tensor, k: int, noise: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k-sample IWAE bound and the ELBO averaged over the same k draws (nats, (B,)).
+
+        ``noise``: optional standard-normal draws per latent group, each
+        (k * B, C, H, W) with sample j of image b at row ``j * B + b``.
+        """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         batch = x.shape[0]
-        xk = x.repeat(k, 1, 1, 1)  # (k*B, C, H, W): sample j of image b at j*B + b
-        t = self._posterior_pass(xk)
+        xk = x.repeat(k, 1, 1, 1)  # (k*B, C, H, W)
+        t = self._posterior_pass(xk, noise)
         log_w = (t["log_px_z"] + t["log_pz"] - t["log_qz"]).view(k, batch)
-        return torch.logsumexp(log_w, dim=0) - math.log(k)
+        elbo = (t["log_px_z"] - t["kl"]).view(k, batch).mean(0)
+        return torch.logsumexp(log_w, dim=0) - math.log(k), elbo
 
     # ------------------------------------------------ the reparameterised map
     def prior_noise(self, n: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:

@@ -1,0 +1,184 @@
+"""Every OOD score, defined once: name, unit, meaning, and how it is computed.
+
+Convention: for every score, **higher = more out-of-distribution**. Scores in
+``_bpd`` are bits per dimension of 8-bit data (D = C * H * W values per image);
+``energy`` is in the energy network's own units (nats of unnormalised density).
+
+Scores are reproducible per image: the posterior draws of the importance-weighted
+bound are seeded by (seed, the image's bytes), so an image gets the same scores
+whatever batch it arrives in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image  # only for the PNG length of the complexity scores
+
+from model.likelihood import to_unit_range
+from model.vaebm import VAEBM
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    name: str
+    unit: str
+    description: str
+    direction: str = "higher = more out-of-distribution"
+
+
+SCORES: dict[str, ScoreSpec] = {
+    s.name: s
+    for s in (
+        ScoreSpec("elbo_bpd", "bits/dim", "-ELBO of the VAE (negative log-likelihood bound)."),
+        ScoreSpec(
+            "iwae_bpd", "bits/dim", "-log p_vae(x) from the k-sample importance-weighted bound."
+        ),
+        ScoreSpec("energy", "energy units (nats)", "E(x) of the energy network alone."),
+        ScoreSpec(
+            "vaebm_bpd",
+            "bits/dim",
+            "VAEBM unnormalised negative log density (E(x) - log p_vae(x)) / (D ln 2), "
+            "log p_vae from the IWAE bound; log Z dropped (it does not change rankings).",
+        ),
+        ScoreSpec(
+            "complexity_bpd",
+            "bits/dim",
+            "vaebm_bpd minus the PNG-compressed length of the image (Serra et al. 2020): "
+            "likelihood corrected for how simple the image is.",
+        ),
+        ScoreSpec(
+            "elbo_complexity_bpd",
+            "bits/dim",
+            "elbo_bpd minus the PNG-compressed length of the image: the ELBO twin of "
+            "complexity_bpd.",
+        ),
+        ScoreSpec(
+            "iwae_gap_bpd",
+            "bits/dim",
+            "elbo_bpd - iwae_bpd: how badly the encoder fits the image (an amortisation "
+            "gap that grows off the training distribution).",
+        ),
+    )
+}
+SCORE_NAMES = tuple(SCORES)
+DEFAULT_SCORE = "complexity_bpd"  # chosen by benchmarks/ood_benchmark.py, see docs/
+
+
+def png_bits_per_dim(images: np.ndarray) -> np.ndarray:
+    """Lossless PNG length (compression level 9) of each image, bits per dimension.
+
+    images: uint8 (N, C, H, W) with C in {1, 3}. Returns (N,) float64.
+    """
+    out = np.empty(len(images))
+    for i, img in enumerate(images):
+        pixels = img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0))
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", compress_level=9)
+        out[i] = 8 * buffer.tell() / img.size
+    return out
+
+
+def image_seeds(images: np.ndarray, seed: int) -> list[int]:
+    """One 63-bit seed per image from (seed, image bytes)."""
+    seeds = []
+    for img in images:
+        digest = hashlib.sha256(seed.to_bytes(8, "little", signed=True) + img.tobytes()).digest()
+        seeds.append(int.from_bytes(digest[:8], "little") >> 1)
+    return seeds
+
+
+def posterior_noise(model: VAEBM, images: np.ndarray, k: int, seed: int) -> list[torch.Tensor]:
+    """Standard-normal draws for k posterior samples per image, seeded per image.
+
+    Returns one tensor (k * B, C, H, W) per latent group, row ``j * B + b`` for
+    sample j of image b, as ``VAE.iwae_and_elbo`` expects.
+    """
+    per_image = []
+    for s in image_seeds(images, seed):
+        generator = torch.Generator().manual_seed(s)
+        per_image.append(
+            [torch.randn(k, *shape, generator=generator) for shape in model.vae.latent_shapes]
+        )
+    groups = []
+    for g in range(len(model.vae.latent_shapes)):
+        stacked = torch.stack([draws[g] for draws in per_image], dim=1)  # (k, B, C, H, W)
+        groups.append(stacked.flatten(0, 1).to(model.device))
+    return groups
+
+
+@torch.no_grad()
+def compute_scores(
+    model: VAEBM, images: np.ndarray, *, iwae_k: int = 16, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """All scores of SCORES for a batch of images.
+
+    Parameters
+    ----------
+    model : VAEBM in eval mode, on any device.
+    images : uint8 array (B, C, H, W) matching the model's image shape.
+    iwae_k : importance samples for ``iwae_bpd`` (and the k-sample ELBO average).
+    seed : base seed of the per-image posterior draws.
+
+    Returns
+    -------
+    dict name -> float64 array (B,), every score higher = more out-of-distribution.
+    """
+    expected = model.vae.image_shape
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected or images.dtype != np.uint8:
+        raise ValueError(
+            f"images must be uint8 (B, {expected[0]}, {expected[1]}, {expected[2]}), "
+            f"got {images.dtype} {tuple(images.shape)}"
+        )
+    if len(images) == 0:
+        raise ValueError("images is empty: nothing to score")
+    x = to_unit_range(torch.from_numpy(images).to(model.device))
+    noise = posterior_noise(model, images, iwae_k, seed)
+    iwae_nats, elbo_nats = model.vae.iwae_and_elbo(x, iwae_k, noise)
+    energy = model.energy(x)
+    to_bpd = 1.0 / (model.vae.config.num_dims * math.log(2.0))
+    elbo_bpd = (-elbo_nats * to_bpd).double().cpu().numpy()
+    iwae_bpd = (-iwae_nats * to_bpd).double().cpu().numpy()
+    energy_np = energy.double().cpu().numpy()
+    vaebm_bpd = iwae_bpd + energy_np * to_bpd
+    png_bpd = png_bits_per_dim(images)
+    return {
+        "elbo_bpd": elbo_bpd,
+        "iwae_bpd": iwae_bpd,
+        "energy": energy_np,
+        "vaebm_bpd": vaebm_bpd,
+        "complexity_bpd": vaebm_bpd - png_bpd,
+        "elbo_complexity_bpd": elbo_bpd - png_bpd,
+        "iwae_gap_bpd": elbo_bpd - iwae_bpd,
+    }
+
+
+def score_in_batches(
+    model: VAEBM,
+    images: np.ndarray,
+    *,
+    batch_size: int = 256,
+    iwae_k: int = 16,
+    seed: int = 0,
+    progress=None,
+) -> dict[str, np.ndarray]:
+    """compute_scores over a large array, ``batch_size`` images at a time.
+
+    ``progress``: optional callable receiving the number of images done per batch
+    (e.g. a tqdm ``update``), so that command-line tools can show a bar.
+    """
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in SCORES}
+    for start in range(0, len(images), batch_size):
+        chunk = compute_scores(model, images[start : start + batch_size], iwae_k=iwae_k, seed=seed)
+        for name, values in chunk.items():
+            parts[name].append(values)
+        if progress is not None:
+            progress(len(images[start : start + batch_size]))
+    if not parts["elbo_bpd"]:
+        raise ValueError("images is empty: nothing to score")
+    return {name: np.concatenate(values) for name, values in parts.items()}
