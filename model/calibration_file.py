@@ -1,0 +1,108 @@
+"""calibration.json: per-score thresholds and p-value tables, tied to one set of weights.
+
+A calibration only holds for the weights it was computed with, so the file records
+their sha256 and loading refuses a file whose hash differs from the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.calibration import ScoreCalibration
+from model.checkpoint import atomic_write_json
+from model.scores import DEFAULT_SCORE, SCORES
+
+CALIBRATION_NAME = "calibration.json"
+FORMAT_VERSION = 1
+
+
+class CalibrationError(RuntimeError):
+    """calibration.json is missing, corrupt, or belongs to other weights."""
+
+
+@dataclass
+class Calibration:
+    weights_sha256: str
+    target_fpr: float
+    default_score: str
+    scores: dict[str, ScoreCalibration]
+    iwae_k: int = 16
+    seed: int = 0
+    data: dict[str, Any] = field(default_factory=dict)  # where the images came from
+
+    def decide(self, name: str, values: np.ndarray) -> dict[str, np.ndarray]:
+        """Threshold decision and conformal p-values of one score for a batch."""
+        cal = self.scores[name]
+        return {"is_ood": cal.is_ood(values), "p_value": cal.p_values(values)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "weights_sha256": self.weights_sha256,
+            "target_fpr": self.target_fpr,
+            "default_score": self.default_score,
+            "iwae_k": self.iwae_k,
+            "seed": self.seed,
+            "data": self.data,
+            "scores": {name: cal.to_dict() for name, cal in self.scores.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Calibration:
+        scores = {name: ScoreCalibration.from_dict(v) for name, v in d["scores"].items()}
+        unknown = sorted(set(scores) - set(SCORES))
+        if unknown:
+            raise ValueError(f"unknown score names {unknown}; known: {sorted(SCORES)}")
+        if d["default_score"] not in scores:
+            raise ValueError(f"default_score {d['default_score']!r} has no calibration")
+        return cls(
+            weights_sha256=str(d["weights_sha256"]),
+            target_fpr=float(d["target_fpr"]),
+            default_score=str(d.get("default_score", DEFAULT_SCORE)),
+            scores=scores,
+            iwae_k=int(d.get("iwae_k", 16)),
+            seed=int(d.get("seed", 0)),
+            data=dict(d.get("data", {})),
+        )
+
+
+def save_calibration(directory: str | os.PathLike, calibration: Calibration) -> Path:
+    path = Path(directory) / CALIBRATION_NAME
+    atomic_write_json(path, calibration.to_dict())
+    return path
+
+
+def load_calibration(directory: str | os.PathLike, *, weights_sha256: str) -> Calibration:
+    """Read calibration.json and check it belongs to the weights with ``weights_sha256``."""
+    path = Path(directory) / CALIBRATION_NAME
+    if not path.is_file():
+        raise CalibrationError(
+            f"{path} is missing: run `vaebm calibrate --checkpoint {directory}` first"
+        )
+    try:
+        raw = json.loads(path.read_text())
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format_version must be {FORMAT_VERSION}")
+        calibration = Calibration.from_dict(raw)
+    except (
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+    ) as exc:
+        raise CalibrationError(f"{path} is corrupt or malformed: {exc}") from exc
+    if calibration.weights_sha256 != weights_sha256:
+        raise CalibrationError(
+            f"{path} was computed for weights {calibration.weights_sha256[:16]}..., but the "
+            f"checkpoint's weights are {weights_sha256[:16]}...: recalibrate with "
+            f"`vaebm calibrate --checkpoint {directory}`"
+        )
+    return calibration
