@@ -97,7 +97,118 @@ def _build_train_parser(sub: argparse._SubParsersAction) -> None:
     train.set_defaults(func=_train)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_build_train_parser]
+def _calibrate(ns: argparse.Namespace) -> int:
+    from training.calibrate import CalibrateArgs, calibrate
+
+    calibration = calibrate(dataclass_from_args(CalibrateArgs, ns))
+    for name, c in calibration.scores.items():
+        log.info(
+            "%-20s threshold %10.4f  FPR on held-out %.4f [%.4f, %.4f]",
+            name,
+            c.threshold,
+            c.achieved_fpr,
+            c.fpr_ci_low,
+            c.fpr_ci_high,
+        )
+    log.info("wrote %s/calibration.json and calibration_report.md", ns.checkpoint)
+    return 0
+
+
+def _evaluate(ns: argparse.Namespace) -> int:
+    from training.evaluate import EvaluateArgs, evaluate, parse_named_specs
+
+    args = EvaluateArgs(
+        checkpoint=ns.checkpoint,
+        in_data=ns.in_data,
+        ood=parse_named_specs(ns.ood),
+        out=ns.out,
+        iwae_k=ns.iwae_k,
+        batch_size=ns.batch_size,
+        seed=ns.seed,
+        device=ns.device,
+    )
+    report = evaluate(args)
+    for ood_name, per_score in report["metrics"].items():
+        best = max(per_score, key=lambda s: per_score[s]["auroc"])
+        log.info("%s: best AUROC %.4f (%s)", ood_name, per_score[best]["auroc"], best)
+    log.info("wrote %s/metrics.json and report.md", ns.out)
+    return 0
+
+
+def _sample(ns: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from model.checkpoint import atomic_write_bytes, load_checkpoint
+    from model.device import select_device
+    from model.grid import image_grid
+    from model.likelihood import to_uint8
+
+    model, _ = load_checkpoint(ns.checkpoint, select_device(ns.device))
+    steps = 0 if ns.vae_only else ns.steps
+    images = model.sample(ns.n, steps=steps, step_size=ns.step_size, seed=ns.seed)
+    grid = image_grid(to_uint8(images).cpu().numpy())
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(grid)).save(buffer, format="PNG")
+    atomic_write_bytes(ns.out, buffer.getvalue())
+    log.info("wrote %d %s samples to %s", ns.n, "VAE-only" if ns.vae_only else "VAEBM", ns.out)
+    return 0
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from service.main import serve
+
+    return serve(ns.serve_args)
+
+
+def _build_other_parsers(sub: argparse._SubParsersAction) -> None:
+    from training.calibrate import CalibrateArgs
+
+    cal = sub.add_parser("calibrate", help="set OOD thresholds on held-out in-distribution data")
+    add_dataclass_arguments(cal, CalibrateArgs)
+    cal.set_defaults(func=_calibrate)
+
+    ev = sub.add_parser("evaluate", help="AUROC/AUPR/FPR95 of every score against OOD sets")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--in", dest="in_data", required=True, help="in-distribution data spec")
+    ev.add_argument(
+        "--ood",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="an OOD set; repeat for several",
+    )
+    ev.add_argument("--out", default="runs/evaluate")
+    ev.add_argument("--iwae-k", type=int, default=16)
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=_evaluate)
+
+    sm = sub.add_parser("sample", help="write a PNG grid of samples")
+    sm.add_argument("--checkpoint", required=True)
+    sm.add_argument("-n", type=int, default=64)
+    sm.add_argument("--steps", type=int, default=16, help="Langevin steps")
+    sm.add_argument("--step-size", type=float, default=1e-4)
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--vae-only", action="store_true", help="VAE samples, no Langevin")
+    sm.add_argument("--out", default="samples.png")
+    sm.add_argument("--device", default="auto")
+    sm.set_defaults(func=_sample)
+
+    sv = sub.add_parser(
+        "serve", help="run the HTTP scoring service (settings from VAEBM_* env)", add_help=False
+    )
+    sv.add_argument("serve_args", nargs=argparse.REMAINDER)
+    sv.set_defaults(func=_serve)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _build_train_parser,
+    _build_other_parsers,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +227,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if ns.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(ns.func(ns) or 0)
+    try:
+        return int(ns.func(ns) or 0)
+    except (ValueError, OSError) as exc:  # bad input or files: one clear line, no traceback
+        log.error("%s", exc)
+        return 2
 
 
 if __name__ == "__main__":

