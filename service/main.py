@@ -1,0 +1,119 @@
+"""``serve()``: run the scoring service under uvicorn (``vaebm serve``, ``python -m service``).
+
+Exit status: 0 after a clean shutdown (SIGTERM or SIGINT: uvicorn stops accepting
+connections and finishes in-flight requests first), 2 for invalid configuration, 3 when
+the model cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.logs import configure_logging
+from service.settings import ENV_PREFIX, Settings
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_BAD_CONFIG = 2
+EXIT_STARTUP_FAILED = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vaebm serve",
+        description=(
+            f"Serve OOD scores over HTTP. Every setting comes from {ENV_PREFIX}* environment "
+            "variables; these flags override the four most common ones."
+        ),
+    )
+    parser.add_argument("--host", help=f"bind address ({ENV_PREFIX}HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help=f"TCP port ({ENV_PREFIX}PORT, default 8000)")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help=f"checkpoint directory ({ENV_PREFIX}CHECKPOINT, default checkpoints/fashion-mnist)",
+    )
+    parser.add_argument("--device", help=f"auto, cpu, cuda or cuda:N ({ENV_PREFIX}DEVICE)")
+    return parser
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per bad setting, named by its environment variable (values not echoed)."""
+    lines = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        lines.append(f"{ENV_PREFIX}{field.upper()}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def load_settings(argv: list[str] | None) -> Settings:
+    """Settings from the environment, overridden by the command-line flags."""
+    ns = build_parser().parse_args(argv)
+    overrides = {
+        key: value
+        for key, value in vars(ns).items()
+        if value is not None and key in ("host", "port", "checkpoint", "device")
+    }
+    return Settings(**overrides)
+
+
+def serve(argv: list[str] | None = None) -> int:
+    """Run the service until SIGTERM/SIGINT; returns the process exit status."""
+    try:
+        settings = load_settings(argv)
+    except ValidationError as exc:
+        configure_logging()
+        logger.error("invalid configuration: %s", describe_validation_error(exc))
+        return EXIT_BAD_CONFIG
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        lifespan="on",
+        log_config=None,  # our handler, set up above
+        access_log=False,  # RequestContextMiddleware logs every request with its id
+        timeout_graceful_shutdown=int(settings.graceful_timeout_s),
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    with _absorb_reraised_signals():
+        server.run()
+    if not server.started:
+        logger.error(
+            "the service did not start: %s", app.state.startup_error or "see the errors above"
+        )
+        return EXIT_STARTUP_FAILED
+    logger.info("shut down cleanly")
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _absorb_reraised_signals() -> Iterator[None]:
+    """Keep SIGTERM/SIGINT from killing the process after uvicorn's graceful shutdown.
+
+    uvicorn handles the signals itself while it runs, then re-raises them to the handlers
+    that were installed before; those handlers are these no-ops, so ``serve`` returns its
+    exit status instead of dying by the signal.
+    """
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: None)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

