@@ -81,9 +81,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         runtime = await _start(app, executor)
     except Exception as exc:
-        message = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, StartupError):
+            message = str(exc)
+            logger.error("start-up failed: %s", message)
+        else:  # unexpected: keep the traceback
+            message = f"{type(exc).__name__}: {exc}"
+            logger.exception("start-up failed: %s", message)
         app.state.startup_error = message
-        logger.error("start-up failed: %s", message)
         executor.shutdown(wait=False, cancel_futures=True)
         raise StartupError(message) from exc
     app.state.runtime = runtime

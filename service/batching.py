@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.errors import ProblemError
+
 logger = logging.getLogger(__name__)
 
 BatchFn = Callable[[np.ndarray], dict[str, np.ndarray]]
@@ -34,8 +36,16 @@ class _Item:
     future: asyncio.Future[dict[str, float]]
 
 
-class BatcherClosed(RuntimeError):
-    """The batcher is shutting down and takes no more work."""
+class BatcherClosed(ProblemError):
+    """The batcher is shutting down and takes no more work (503 for the client)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            503,
+            "not-ready",
+            "the service is shutting down; retry on another instance or after restart",
+            headers={"Retry-After": "5"},
+        )
 
 
 class MicroBatcher:
@@ -105,7 +115,7 @@ class MicroBatcher:
     async def submit_many(self, images: Sequence[np.ndarray]) -> list[dict[str, float]]:
         """Scores of several images, in order; they may be split over batches."""
         if self._closed:
-            raise BatcherClosed("the service is shutting down")
+            raise BatcherClosed()
         if not self.enabled:
             return await self._run_direct(images)
         loop = asyncio.get_running_loop()

