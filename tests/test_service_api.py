@@ -382,6 +382,18 @@ def test_batch_with_too_many_files(tiny_service_client: TestClient) -> None:
     )
 
 
+def test_batch_above_the_multipart_parser_cap(tiny_service_client: TestClient) -> None:
+    # Starlette's parser stops at 1000 files before the route can count them.
+    files = [("files", (f"{i}.png", b"x", "image/png")) for i in range(1001)]
+    response = tiny_service_client.post("/score/batch", files=files)
+    assert_problem(
+        response,
+        413,
+        "Too many files. Maximum number of files is 1000. Send fewer files per request.",
+        "too-many-files",
+    )
+
+
 def test_model_failure_is_a_500_problem(tiny_service_client: TestClient) -> None:
     batcher = tiny_service_client.app.state.runtime.batcher
     original = batcher.fn

@@ -6,6 +6,7 @@ OOD as the positive class and higher score = more OOD.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 import numpy as np
@@ -43,9 +44,9 @@ async def score_uploads(
     uploads: list[UploadFile], field: str, settings: Settings, runtime: ModelRuntime
 ) -> dict[str, np.ndarray]:
     """All scores of uploaded images; the first bad image fails the request (its problem)."""
+    decoded = await asyncio.gather(*(decode_or_problem(u, settings, runtime) for u in uploads))
     images = []
-    for i, upload in enumerate(uploads):
-        outcome = await decode_or_problem(upload, settings, runtime)
+    for i, (upload, outcome) in enumerate(zip(uploads, decoded, strict=True)):
         if isinstance(outcome, ProblemError):
             outcome.detail = f"{field}[{i}] ({upload.filename}): {outcome.detail}"
             raise outcome

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import asdict
 from typing import Annotated
@@ -119,7 +120,7 @@ async def score_batch(
     """One result per image, in upload order; a bad image gets its own problem entry."""
     check_file_count(len(files), settings, "files")
     score_name = decision_score(runtime, score)
-    decoded = [await decode_or_problem(f, settings, runtime) for f in files]
+    decoded = await asyncio.gather(*(decode_or_problem(f, settings, runtime) for f in files))
     good = [i for i, d in enumerate(decoded) if not isinstance(d, ProblemError)]
     scored = await runtime.batcher.submit_many([decoded[i][0] for i in good])  # type: ignore[index]
     by_index = dict(zip(good, scored, strict=True))
