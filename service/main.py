@@ -59,6 +59,8 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 def load_settings(argv: list[str] | None) -> Settings:
     """Settings from the environment, overridden by the command-line flags."""
+    if argv and argv[0] == "--":  # `vaebm serve -- --port 9000`: the separator is not ours
+        argv = argv[1:]
     ns = build_parser().parse_args(argv)
     overrides = {
         key: value

@@ -70,6 +70,7 @@ def test_command_line_overrides_the_environment(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("VAEBM_DEVICE", "cuda")
     settings = load_settings(["--port", "9002", "--device", "cpu", "--checkpoint", "/x"])
     assert (settings.port, settings.device, settings.checkpoint) == (9002, "cpu", Path("/x"))
+    assert load_settings(["--", "--port", "9003"]).port == 9003  # `vaebm serve -- --port ...`
 
 
 @pytest.mark.parametrize(
