@@ -134,13 +134,17 @@ class MicroBatcher:
     async def _run(self, images: list[np.ndarray]) -> list[dict[str, float]]:
         batch = np.stack(images)  # (B, C, H, W)
         loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        scores = await loop.run_in_executor(self.executor, self.fn, batch)
-        seconds = time.perf_counter() - started
+        scores, seconds = await loop.run_in_executor(self.executor, self._timed, batch)
         self.batch_sizes.append(len(images))
         if self.on_batch is not None:
             self.on_batch(len(images), seconds)
         return [{name: float(v[i]) for name, v in scores.items()} for i in range(len(images))]
+
+    def _timed(self, batch: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
+        """``fn(batch)`` and its duration, measured on the worker (queueing excluded)."""
+        started = time.perf_counter()
+        scores = self.fn(batch)
+        return scores, time.perf_counter() - started
 
     async def _gather_batch(self, first: _Item) -> tuple[list[_Item], bool]:
         """Collect up to max_batch_size items; returns (items, stop_requested)."""
