@@ -17,7 +17,9 @@ from typing import Any
 log = logging.getLogger("vaebm")
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser, cls: type, prefix: str = "", exclude: tuple[str, ...] = ()
+) -> None:
     """One ``--flag`` per dataclass field, typed and defaulted from the field.
 
     With a prefix (``ebm_``), flags become ``--ebm-steps`` and so on, so that two
@@ -25,6 +27,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
         dest = prefix + f.name
         flag = "--" + dest.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -43,8 +47,16 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
 
 def dataclass_from_args(cls: type, ns: argparse.Namespace, prefix: str = "", **overrides: Any):
     """Build ``cls`` from the parsed flags that ``add_dataclass_arguments`` added."""
-    values = {f.name: getattr(ns, prefix + f.name) for f in dataclasses.fields(cls)}
+    values = {
+        f.name: getattr(ns, prefix + f.name)
+        for f in dataclasses.fields(cls)
+        if f.name not in overrides
+    }
     return cls(**{**values, **overrides})
+
+
+# `train all` runs both stages on one checkpoint directory with one device and seed.
+SHARED_BY_STAGES = ("checkpoint", "out", "device", "resume", "seed")
 
 
 def _train(ns: argparse.Namespace) -> int:
@@ -93,7 +105,7 @@ def _build_train_parser(sub: argparse._SubParsersAction) -> None:
     )
     both = stages.add_parser("all", help="both stages; EBM flags take an --ebm- prefix")
     add_dataclass_arguments(both, VAETrainArgs)
-    add_dataclass_arguments(both, EBMTrainArgs, prefix="ebm_")
+    add_dataclass_arguments(both, EBMTrainArgs, prefix="ebm_", exclude=SHARED_BY_STAGES)
     train.set_defaults(func=_train)
 
 
@@ -157,12 +169,6 @@ def _sample(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(ns: argparse.Namespace) -> int:
-    from service.main import serve
-
-    return serve(ns.serve_args)
-
-
 def _build_other_parsers(sub: argparse._SubParsersAction) -> None:
     from training.calibrate import CalibrateArgs
 
@@ -221,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # the service parses its own flags (--host, --port, ...)
+        from service.main import serve
+
+        return serve(argv[1:])
     parser = build_parser()
     ns = parser.parse_args(argv)
     logging.basicConfig(

@@ -45,7 +45,7 @@ class EBMTrainArgs:
     checkpoint: str = "runs/vae"  # a checkpoint with a trained VAE (stage 1)
     out: str = ""  # where to write; empty = update the checkpoint in place
     data: str = ""  # data source spec; empty = the one the VAE was trained on
-    energy_hidden: int = 32
+    energy_hidden: int = 16
     steps: int = 500
     batch_size: int = 32
     lr: float = 5e-5
@@ -126,7 +126,7 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(energy.parameters(), args.grad_clip)
         gap = float(all_reduce_mean(e_neg.mean() - e_pos.mean(), ctx))
-        check_finite(step, loss=float(loss), gap=gap)
+        check_finite(step, loss=float(loss.detach()), gap=gap)
         peak = energies.detach().abs().max()
         if ctx.distributed:  # every rank must stop at the same step, or the others hang
             torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
@@ -139,7 +139,7 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
         step += 1
         progress.update(1)
         progress.set_postfix(
-            loss=f"{float(loss):.3f}", gap=f"{gap:.3f}", sn=f"{float(spectral):.1f}"
+            loss=f"{float(loss.detach()):.3f}", gap=f"{gap:.3f}", sn=f"{float(spectral):.1f}"
         )
         if ctx.is_main and (step % args.eval_every == 0 or step == args.steps):
             metrics.update(evaluate_energy(model, val_images, args, ctx.device))

@@ -48,7 +48,7 @@ class VAETrainArgs:
     image_size: int = 28
     hidden: int = 32
     latent_channels: tuple[int, ...] = field(default=(8, 4))
-    energy_hidden: int = 32  # architecture of the (untrained) energy network
+    energy_hidden: int = 16  # architecture of the (untrained) energy network
     val_fraction: float = 0.05
     steps: int = 2000
     batch_size: int = 64
@@ -128,11 +128,11 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
         torch.nn.utils.clip_grad_norm_(vae.parameters(), args.grad_clip)
         elbo = all_reduce_mean((terms["log_px_z"] - terms["kl"]).mean(), ctx)
         bpd = float(nats_to_bits_per_dim(-elbo.detach(), vae.config.num_dims))
-        check_finite(step, loss=float(loss), bpd=bpd)
+        check_finite(step, loss=float(loss.detach()), bpd=bpd)
         optimizer.step()
         step += 1
         progress.update(1)
-        progress.set_postfix(loss=f"{float(loss):.1f}", bpd=f"{bpd:.3f}")
+        progress.set_postfix(loss=f"{float(loss.detach()):.1f}", bpd=f"{bpd:.3f}")
         if ctx.is_main and (step % args.eval_every == 0 or step == args.steps):
             metrics["val_elbo_bpd"] = evaluate_bpd(vae, val_images, ctx.device)
             progress.write(f"step {step}: val ELBO {metrics['val_elbo_bpd']:.4f} bits/dim")
