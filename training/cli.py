@@ -204,11 +204,8 @@ def _build_other_parsers(sub: argparse._SubParsersAction) -> None:
     sm.add_argument("--device", default="auto")
     sm.set_defaults(func=_sample)
 
-    sv = sub.add_parser(
-        "serve", help="run the HTTP scoring service (settings from VAEBM_* env)", add_help=False
-    )
-    sv.add_argument("serve_args", nargs=argparse.REMAINDER)
-    sv.set_defaults(func=_serve)
+    # Listed for --help only: main() hands `serve ...` to service.main before parsing.
+    sub.add_parser("serve", help="run the HTTP scoring service (settings from VAEBM_* env)")
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
