@@ -13,21 +13,19 @@ Writes docs/sample-quality.json and sample grids docs/samples-<model>-{vae,vaebm
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from scipy import linalg
 from torch import nn
 from tqdm import tqdm
 
 from model.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
 from model.device import select_device
-from model.grid import image_grid
+from model.grid import encode_png, image_grid
 from model.likelihood import to_uint8, to_unit_range
 from model.vaebm import VAEBM
 from training.data import ImageShape, load_dataset
@@ -106,9 +104,7 @@ def draw(model: VAEBM, n: int, steps: int, step_size: float, batch: int, seed: i
 
 
 def save_grid(path: Path, images: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image_grid(images))).save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, encode_png(image_grid(images)))
 
 
 def timed(fn, repeats: int = 3) -> float:

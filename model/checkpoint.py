@@ -50,6 +50,11 @@ class CheckpointInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str = ""
 
+    @property
+    def langevin_step_size(self) -> float:
+        """The Langevin step size the energy was trained with: the default for sampling."""
+        return float(self.training.get("ebm", {}).get("step_size", 1e-4))
+
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

@@ -249,26 +249,3 @@ def _resize(img: Image.Image, size: int, policy: ResizePolicy) -> tuple[Image.Im
             "uploading (this server runs with VAEBM_RESIZE=reject)",
         )
     return img.resize((size, size), Image.Resampling.BILINEAR), True
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """Lossless PNG bytes of a uint8 (C, H, W) image, C in {1, 3}; deterministic."""
-    pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", compress_level=6)
-    return buffer.getvalue()
-
-
-def image_grid(images: np.ndarray, *, padding: int = 2) -> np.ndarray:
-    """Tile uint8 (N, C, H, W) images into one (C, H', W') grid, near square, black gaps."""
-    n, c, h, w = images.shape
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    grid = np.zeros(
-        (c, rows * h + (rows + 1) * padding, cols * w + (cols + 1) * padding), dtype=np.uint8
-    )
-    for i, img in enumerate(images):
-        r, k = divmod(i, cols)
-        top, left = padding + r * (h + padding), padding + k * (w + padding)
-        grid[:, top : top + h, left : left + w] = img
-    return grid

@@ -154,7 +154,9 @@ class SampleRequest(BaseModel):
     steps: int = Field(
         16, ge=0, description="Langevin steps (capped by VAEBM_SAMPLE_MAX_STEPS); 0 = VAE only"
     )
-    step_size: float = Field(1e-4, gt=0, le=1.0)
+    step_size: float | None = Field(
+        None, gt=0, le=1.0, description="Langevin step size; omitted = the one training used"
+    )
     seed: int | None = Field(
         None, ge=0, lt=2**63, description="same seed -> same images; omitted = random"
     )

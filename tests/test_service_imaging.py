@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model.grid import encode_png, image_grid
 from service.errors import ProblemError
-from service.imaging import decode_image, encode_png, image_grid
+from service.imaging import decode_image
 from service.settings import ResizePolicy
 
 SUPPORTED = "PNG, JPEG, WEBP, BMP, GIF, TIFF"

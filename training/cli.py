@@ -148,23 +148,17 @@ def _evaluate(ns: argparse.Namespace) -> int:
 
 
 def _sample(ns: argparse.Namespace) -> int:
-    import numpy as np
-    from PIL import Image
-
     from model.checkpoint import atomic_write_bytes, load_checkpoint
     from model.device import select_device
-    from model.grid import image_grid
+    from model.grid import encode_png, image_grid
     from model.likelihood import to_uint8
 
-    model, _ = load_checkpoint(ns.checkpoint, select_device(ns.device))
+    model, info = load_checkpoint(ns.checkpoint, select_device(ns.device))
     steps = 0 if ns.vae_only else ns.steps
-    images = model.sample(ns.n, steps=steps, step_size=ns.step_size, seed=ns.seed)
+    step_size = ns.step_size or info.langevin_step_size
+    images = model.sample(ns.n, steps=steps, step_size=step_size, seed=ns.seed)
     grid = image_grid(to_uint8(images).cpu().numpy())
-    import io
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(grid)).save(buffer, format="PNG")
-    atomic_write_bytes(ns.out, buffer.getvalue())
+    atomic_write_bytes(ns.out, encode_png(grid))
     log.info("wrote %d %s samples to %s", ns.n, "VAE-only" if ns.vae_only else "VAEBM", ns.out)
     return 0
 
@@ -197,7 +191,12 @@ def _build_other_parsers(sub: argparse._SubParsersAction) -> None:
     sm.add_argument("--checkpoint", required=True)
     sm.add_argument("-n", type=int, default=64)
     sm.add_argument("--steps", type=int, default=16, help="Langevin steps")
-    sm.add_argument("--step-size", type=float, default=1e-4)
+    sm.add_argument(
+        "--step-size",
+        type=float,
+        default=None,
+        help="Langevin step size; default: the one the energy was trained with",
+    )
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--vae-only", action="store_true", help="VAE samples, no Langevin")
     sm.add_argument("--out", default="samples.png")

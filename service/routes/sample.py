@@ -9,9 +9,9 @@ import time
 from fastapi import APIRouter
 from fastapi.responses import Response
 
+from model.grid import encode_png, image_grid
 from service.deps import MetricsDep, RuntimeDep, SettingsDep
 from service.errors import ProblemError
-from service.imaging import encode_png, image_grid
 from service.routes.common import PROBLEM_RESPONSES
 from service.schemas import ModelRef, SampleImage, SampleRequest, SampleResponse
 from service.settings import Settings
@@ -68,8 +68,9 @@ async def sample(
     """Langevin samples; the same seed (and n, steps, step_size) gives the same bytes."""
     check_caps(body, settings)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**63)
+    step_size = body.step_size or runtime.info.langevin_step_size
     started = time.perf_counter()
-    images = await runtime.run(runtime.sample_uint8, body.n, body.steps, body.step_size, seed)
+    images = await runtime.run(runtime.sample_uint8, body.n, body.steps, step_size, seed)
     metrics.inference_latency.labels("sample").observe(time.perf_counter() - started)
     channels, height, width = runtime.image_shape
     if body.format == "png":
@@ -81,7 +82,7 @@ async def sample(
     return SampleResponse(
         n=body.n,
         steps=body.steps,
-        step_size=body.step_size,
+        step_size=step_size,
         seed=seed,
         width=width,
         height=height,
