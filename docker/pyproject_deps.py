@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import re
-import tomllib
+
+import tomllib  # standard library from Python 3.11 (ruff's target is 3.10)
 
 
 def requirement_name(requirement: str) -> str:
