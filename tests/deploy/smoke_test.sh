@@ -171,17 +171,20 @@ if [ -d "$WHEELS_DIR" ]; then
         [ -e "$wheel" ] || continue
         target="docker/build-extras/wheels/$(basename "$wheel")"
         [ -e "$target" ] || EXTRAS_ADDED+=("$target")
-        ln -f "$wheel" "$target" 2>/dev/null || cp -f "$wheel" "$target"
+        ln -f "$wheel" "$target" 2>/dev/null || cp -f --preserve=timestamps "$wheel" "$target"
         echo "wheel: $(basename "$wheel")"
     done
 fi
 ca_bundle=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
 if [ -s "$ca_bundle" ]; then
-    cp -f "$ca_bundle" docker/build-extras/smoke-ca.crt
+    cp -f --preserve=timestamps "$ca_bundle" docker/build-extras/smoke-ca.crt
     EXTRAS_ADDED+=(docker/build-extras/smoke-ca.crt)
     export SMOKE_CA_BUNDLE=smoke-ca.crt
     echo "CA bundle: $ca_bundle"
 fi
+# Fixed folder times, so that the build cache of the layer that copies these holds from
+# one run to the next (files keep their own times: linked, or copied with them).
+touch -d @0 docker/build-extras docker/build-extras/wheels
 
 # ---------------------------------------------------------------------------------------
 step "podman system service on a private socket (the Docker API for docker-compose)"
