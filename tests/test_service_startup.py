@@ -171,7 +171,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(base: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+def wait_ready(base: str, process: subprocess.Popen, timeout_s: float = 180.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
