@@ -182,9 +182,11 @@ if [ -s "$ca_bundle" ]; then
     export SMOKE_CA_BUNDLE=smoke-ca.crt
     echo "CA bundle: $ca_bundle"
 fi
-# Fixed folder times, so that the build cache of the layer that copies these holds from
-# one run to the next (files keep their own times: linked, or copied with them).
+# Fixed folder times and modes, so that the build cache of the layer that copies these
+# holds from one run (and one clone) to the next; the files keep their own.
 touch -d @0 docker/build-extras docker/build-extras/wheels
+chmod 0755 docker/build-extras docker/build-extras/wheels
+chmod 0644 docker/build-extras/.gitignore docker/build-extras/README.md
 
 # ---------------------------------------------------------------------------------------
 step "podman system service on a private socket (the Docker API for docker-compose)"
@@ -252,9 +254,9 @@ echo "container $CTR on $BASE, serving ${CHECKPOINTS_DIR:-./checkpoints}/fashion
 step "wait for /readyz (checkpoint loaded, model warmed up)"
 deadline=$((SECONDS + READY_TIMEOUT_S))
 until python3 tests/deploy/smoke_client.py ready "$BASE" 2>"$WORK/ready.err"; do
-    state=$(podman inspect -f '{{.State.Status}}' "$CTR")
-    if [ "$state" != running ]; then
-        echo "the container is $state" >&2
+    state=$(podman inspect -f '{{.State.Status}} {{.RestartCount}}' "$CTR")
+    if [ "$state" != "running 0" ]; then  # restart: unless-stopped hides a crash loop
+        echo "the server died (container status, restarts: $state)" >&2
         exit 1
     fi
     if ((SECONDS > deadline)); then
