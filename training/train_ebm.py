@@ -97,7 +97,7 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
         energy.parameters(), lr=args.lr, betas=(args.beta1, 0.999), weight_decay=args.weight_decay
     )
     buffer = PersistentBuffer(vae, args.buffer_size) if args.buffer_size else None
-    step = 0
+    step, seconds_before = 0, 0.0
     if args.resume and (out / STATE_NAME).exists():
         state = load_state(out / STATE_NAME)
         energy.load_state_dict(state["energy"])
@@ -106,9 +106,10 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
             buffer.load_state_dict(state["buffer"])
         set_rng_state(state["rng"])
         step = state["step"]
+        seconds_before = float(state.get("seconds", 0.0))  # wall time of earlier runs
         log.info("resumed EBM training from %s at step %d", out, step)
     net = DistributedDataParallel(energy) if ctx.distributed else energy
-    started = time.time()
+    started = time.time() - seconds_before
     progress = tqdm(total=args.steps, initial=step, desc="ebm", disable=not ctx.is_main)
     metrics: dict = {}
     while step < args.steps:
@@ -197,6 +198,7 @@ def _save(out, model, optimizer, buffer, step, args, info: CheckpointInfo, metri
         "optimizer": optimizer.state_dict(),
         "rng": rng_state(),
         "step": step,
+        "seconds": time.time() - started,
     }
     if buffer is not None:
         state["buffer"] = buffer.state_dict()

@@ -94,13 +94,14 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
     energy = EnergyNet(EnergyConfig(args.channels, args.image_size, args.energy_hidden))
     model = VAEBM(vae, energy.to(ctx.device))
     optimizer = torch.optim.Adamax(vae.parameters(), lr=args.lr)
-    step = 0
+    step, seconds_before = 0, 0.0
     if args.resume and (out / STATE_NAME).exists():
         state = load_state(out / STATE_NAME)
         vae.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         step = state["step"]
+        seconds_before = float(state.get("seconds", 0.0))  # wall time of earlier runs
         log.info("resumed VAE training from %s at step %d", out, step)
         finished = _finished_metrics(out, step) if step >= args.steps else None
         if finished is not None:
@@ -110,7 +111,7 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
             log.info("VAE training in %s already finished at step %d", out, step)
             return finished
     net = DistributedDataParallel(vae) if ctx.distributed else vae
-    started = time.time()
+    started = time.time() - seconds_before
     progress = tqdm(total=args.steps, initial=step, desc="vae", disable=not ctx.is_main)
     metrics: dict = {}
     while step < args.steps:
@@ -166,6 +167,7 @@ def _save(out: Path, model: VAEBM, optimizer, step: int, args, metrics: dict, se
             "optimizer": optimizer.state_dict(),
             "rng": rng_state(),
             "step": step,
+            "seconds": secs,
         },
     )
     info = CheckpointInfo(
