@@ -32,7 +32,7 @@ CACHE_DIR=${SMOKE_CACHE_DIR:-/var/cache/vaebm-ood-smoke}
 WHEELS_DIR=${SMOKE_WHEELS_DIR:-/opt/wheels}
 DEBIAN_MIRROR=${SMOKE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 HADOLINT_VERSION=2.15.1
-PROJECT=vaebm-smoke
+PROJECT=vaebm-smoke-$$  # own Compose project: runs in other clones do not collide
 APP_UID=10001
 READY_TIMEOUT_S=300
 
@@ -153,7 +153,7 @@ if podman image exists "$SMOKE_BASE_IMAGE"; then
 else
     tarball="$CACHE_DIR/bookworm-minbase.tar"
     if [ ! -s "$tarball" ]; then
-        debootstrap --variant=minbase bookworm "$WORK/rootfs" "$DEBIAN_MIRROR" \
+        timeout 420 debootstrap --variant=minbase bookworm "$WORK/rootfs" "$DEBIAN_MIRROR" \
             >"$WORK/debootstrap.log" 2>&1 || { tail -n 30 "$WORK/debootstrap.log"; exit 1; }
         rm -rf "$WORK"/rootfs/var/cache/apt/archives/*.deb "$WORK"/rootfs/var/lib/apt/lists/*
         tar -C "$WORK/rootfs" -cf "$tarball.tmp" .
@@ -198,7 +198,6 @@ for _ in $(seq 100); do
 done
 [ -S "$SOCK" ] || { cat "$WORK/podman-service.log"; exit 1; }
 export DOCKER_HOST="unix://$SOCK"
-for id in $(project_containers); do podman rm -f "$id" >/dev/null; done  # an earlier run's
 echo "DOCKER_HOST=$DOCKER_HOST"
 
 # ---------------------------------------------------------------------------------------
