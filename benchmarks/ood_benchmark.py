@@ -8,7 +8,8 @@ reach for with scikit-learn alone (kNN distance k=5, PCA reconstruction error wi
 
     python benchmarks/ood_benchmark.py --shared ../shared/datasets --out docs
 
-Writes docs/ood-benchmarks.md (tables) and docs/ood-benchmark-results.json.
+Writes docs/ood-benchmarks.md (tables), docs/ood-benchmark-results.json and one
+docs/ood-benchmark-NAME.json per model (reused with --reuse).
 """
 
 from __future__ import annotations
@@ -236,9 +237,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="docs")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse a model's docs/ood-benchmark-NAME.json if present",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    results = {name: run_model(name, args) for name in args.models}
+    results = {}
+    for name in args.models:  # one result file per model, so models can run in parallel
+        path = Path(args.out) / f"ood-benchmark-{name}.json"
+        if not (args.reuse and path.is_file()):
+            atomic_write_json(path, run_model(name, args))
+        results[name] = json.loads(path.read_text())
     default, worst = choose_default(results)
     for name in args.models:  # the shipped calibrations decide with the chosen score
         directory = Path(args.checkpoints) / name
@@ -252,8 +263,10 @@ def main() -> None:
         {"results": results, "default": default, "worst_pair_auroc": worst},
     )
     command = "python benchmarks/ood_benchmark.py " + " ".join(
-        f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}"
+        f"--{k.replace('_', '-')}"
+        + ("" if v is True else f" {' '.join(v) if isinstance(v, list) else v}")
         for k, v in vars(args).items()
+        if v is not False
     )
     atomic_write_bytes(
         out / "ood-benchmarks.md", markdown(results, default, worst, command).encode()

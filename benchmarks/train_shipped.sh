@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# How the two shipped checkpoints were trained, calibrated and measured (CPU, 2 cores).
+# Each model ran in its own process with OMP_NUM_THREADS=1, both at once.
+# Usage: bash benchmarks/train_shipped.sh [../shared/datasets]
+set -euo pipefail
+shared=${1:-../shared/datasets}
+for name in fashion-mnist mnist; do
+  (
+    export OMP_NUM_THREADS=1
+    # Stage 1: the VAE (3000 steps of 64 images, Adamax, cosine-decayed lr, KL warm-up).
+    vaebm train vae --out "runs/$name" --name "$name" \
+      --data "$shared/$name/train-images-idx3-ubyte.gz" \
+      --steps 3000 --kl-warmup-steps 1000 --eval-every 500 --checkpoint-every 250 \
+      --eval-images 1000 --iwae-k 16
+    # Stage 2: the energy network, VAE frozen (contrastive divergence, Langevin in
+    # noise space from the prior, persistent eps_z buffer, CD on the decoder mean).
+    vaebm train ebm --checkpoint "runs/$name" --steps 800 --batch-size 32 --lr 1e-4 \
+      --langevin-steps 10 --step-size 2e-3 --cd-input mean --buffer-size 10000 \
+      --buffer-ramp-steps 400 --eval-every 100 --checkpoint-every 50 --eval-images 500
+  ) > "runs/$name.log" 2>&1 &
+done
+wait
+mkdir -p checkpoints
+for name in fashion-mnist mnist; do
+  mkdir -p "checkpoints/$name"
+  cp "runs/$name/config.json" runs/"$name"/weights-*.safetensors "checkpoints/$name/"
+done
+# Calibration on half of each test set, evaluation against every other data set:
+python benchmarks/ood_benchmark.py --shared "$shared" --n 1000 --n-calibration 2000 --models fashion-mnist &
+python benchmarks/ood_benchmark.py --shared "$shared" --n 1000 --n-calibration 2000 --models mnist &
+wait
+python benchmarks/ood_benchmark.py --shared "$shared" --n 1000 --n-calibration 2000 --reuse
