@@ -76,6 +76,8 @@ def _open(data: bytes, content_type: str | None) -> Image.Image:
         ) from exc
     except UnidentifiedImageError:
         pass
+    except Exception as exc:  # a known format whose header is cut or corrupt (e.g. OSError)
+        raise undecodable(f"the image header is truncated or corrupt: {exc}") from exc
     other = _identify_any(data)
     if other is not None:
         raise unsupported_media(

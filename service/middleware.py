@@ -129,6 +129,9 @@ def body_too_large(limit: int, detail: str | None = None) -> ProblemError:
         detail
         or f"the request body exceeds the limit of {limit} bytes (VAEBM_MAX_UPLOAD_BYTES); "
         "send fewer or smaller files",
+        # Close the connection: else the server keeps reading (and dropping) the rest of
+        # a body it has already refused, for as long as the client sends it.
+        headers={"Connection": "close"},
     )
 
 

@@ -17,6 +17,7 @@ def _problem(description: str) -> dict[str, Any]:
 
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _problem("malformed request body (multipart or JSON syntax, encoding)"),
     401: _problem("missing or invalid API key"),
     413: _problem("request body, image pixels or file count above the limits"),
     415: _problem("not a supported image format"),
