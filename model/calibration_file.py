@@ -16,9 +16,10 @@ import numpy as np
 
 from model.calibration import ScoreCalibration
 from model.checkpoint import atomic_write_json
-from model.scores import DEFAULT_SCORE, SCORES
+from model.scores import SCORES
 
 CALIBRATION_NAME = "calibration.json"
+MAX_IWAE_K = 1024  # more samples per image than any request should ever cost
 FORMAT_VERSION = 1
 
 
@@ -61,15 +62,28 @@ class Calibration:
             raise ValueError(f"unknown score names {unknown}; known: {sorted(SCORES)}")
         if d["default_score"] not in scores:
             raise ValueError(f"default_score {d['default_score']!r} has no calibration")
+        iwae_k, seed, target_fpr = d.get("iwae_k", 16), d.get("seed", 0), d["target_fpr"]
+        if not _is_int(iwae_k) or not 1 <= iwae_k <= MAX_IWAE_K:
+            raise ValueError(f"iwae_k must be an integer in [1, {MAX_IWAE_K}], got {iwae_k!r}")
+        if not _is_int(seed) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        if not isinstance(target_fpr, int | float) or not 0 < target_fpr <= 0.5:
+            raise ValueError(f"target_fpr must be in (0, 0.5], got {target_fpr!r}")
+        if not isinstance(d["weights_sha256"], str):
+            raise ValueError(f"weights_sha256 must be a string, got {d['weights_sha256']!r}")
         return cls(
-            weights_sha256=str(d["weights_sha256"]),
-            target_fpr=float(d["target_fpr"]),
-            default_score=str(d.get("default_score", DEFAULT_SCORE)),
+            weights_sha256=d["weights_sha256"],
+            target_fpr=float(target_fpr),
+            default_score=str(d["default_score"]),
             scores=scores,
-            iwae_k=int(d.get("iwae_k", 16)),
-            seed=int(d.get("seed", 0)),
+            iwae_k=iwae_k,
+            seed=seed,
             data=dict(d.get("data", {})),
         )
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def save_calibration(directory: str | os.PathLike, calibration: Calibration) -> Path:

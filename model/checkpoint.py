@@ -143,6 +143,9 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
         raise CheckpointError(f"{path} lacks required keys {missing}")
+    for key in ("name", "weights_file", "weights_sha256", "version"):
+        if key in config and not isinstance(config[key], str):
+            raise CheckpointError(f"{path}: {key} must be a string, got {config[key]!r}")
     if config["format_version"] != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has format_version {config['format_version']}, expected {FORMAT_VERSION}"
