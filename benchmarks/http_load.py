@@ -533,3 +533,35 @@ def write_results_block(path: Path, block: str, title: str) -> None:
     head, rest = text.split(RESULTS_START, 1)
     _, tail = rest.split(RESULTS_END, 1)
     path.write_text(f"{head}{RESULTS_START}\n{block.strip()}\n{RESULTS_END}{tail}")
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds spent busy by the whole machine so far, all cores (``/proc/stat``)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuWatch:
+    """CPU use over an interval: the whole machine, this process, and optionally a server
+    process; what is left is other work on the machine (it competes with the benchmark)."""
+
+    def __init__(self, server_pid: int | None = None) -> None:
+        self.server_pid = server_pid
+        self.t0 = time.perf_counter()
+        self.machine0 = busy_cpu_seconds()
+        self.self0 = sum(os.times()[:2])
+        self.server0 = cpu_seconds(server_pid) if server_pid else 0.0
+
+    def read(self) -> dict[str, float]:
+        """Cores used on average since construction: machine, self, server, other."""
+        wall = max(time.perf_counter() - self.t0, 1e-9)
+        machine = (busy_cpu_seconds() - self.machine0) / wall
+        own = (sum(os.times()[:2]) - self.self0) / wall
+        server = (cpu_seconds(self.server_pid) - self.server0) / wall if self.server_pid else 0.0
+        return {
+            "machine_cores_busy": machine,
+            "load_generator_cores": own,
+            "server_cores": server,
+            "other_cores": max(machine - own - server, 0.0),
+        }

@@ -35,6 +35,7 @@ from typing import Any
 
 import httpx
 from http_load import (
+    CpuWatch,
     LoadResult,
     ServerProcess,
     Upload,
@@ -245,17 +246,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["rss_kib_after_warmup"] = server.rss_kib()
         metrics_before = scrape_metrics(server.base_url)
         print(f"measured run: {total} requests at concurrency {args.concurrency}", flush=True)
+        watch = CpuWatch(server.pid)
         main_run, samples = asyncio.run(
             measured_run(server, schedule, total, args.concurrency, args.max_seconds)
         )
+        cpu = watch.read()
         metrics_after = scrape_metrics(server.base_url)
         results["rss_kib_at_end"] = samples[-1][1]
         results["rss_kib_max_during_run"] = max(v for _, v in samples)
         results["rss_samples_kib"] = samples[:: max(1, len(samples) // 200)] + [samples[-1]]
+        results["rss_kib_by_run_fraction"] = {
+            f"{q}%": samples[min(len(samples) - 1, len(samples) * q // 100)][1]
+            for q in (0, 25, 50, 75, 100)
+        }
         results["run"] = {
             "all": main_run.summary(),
             "score": main_run.summary("score"),
             "batch": main_run.summary("batch"),
+            "cpu": cpu,
         }
         batches_delta = metrics_after.get("vaebm_batch_size_count", 0) - metrics_before.get(
             "vaebm_batch_size_count", 0
@@ -329,7 +337,10 @@ def markdown(results: dict[str, Any]) -> str:
         f"{st['warmup_requests']} warm-up requests: every {st['batch_every']}th a "
         f"`/score/batch` of {st['batch_size']} images, the rest single-image `/score` "
         f"({st['distinct_images']} distinct PNGs from `{st['data']}`). Wall time "
-        f"{run['all']['wall_s']:.0f} s.",
+        f"{run['all']['wall_s']:.0f} s; average CPU cores used: server "
+        f"{run['cpu']['server_cores']:.2f}, load generator "
+        f"{run['cpu']['load_generator_cores']:.2f}, "
+        f"other work on the machine {run['cpu']['other_cores']:.2f}.",
         "",
         "| requests | count | statuses | requests/s | images/s | p50 ms | p90 ms | p99 ms "
         "| max ms |",
@@ -347,7 +358,10 @@ def markdown(results: dict[str, Any]) -> str:
         f"ready, {results['rss_kib_after_warmup'] / mib:.1f} MiB after the warm-up, "
         f"{results['rss_kib_at_end'] / mib:.1f} MiB at the end (max "
         f"{results['rss_kib_max_during_run'] / mib:.1f} MiB during the run): growth "
-        f"**{100 * req['rss_growth']:+.2f}%** (limit +{100 * MAX_RSS_GROWTH:.0f}%).",
+        f"**{100 * req['rss_growth']:+.2f}%** (limit +{100 * MAX_RSS_GROWTH:.0f}%). At 0, 25, "
+        "50, 75 and 100% of the run: "
+        + ", ".join(f"{v / mib:.1f}" for v in results["rss_kib_by_run_fraction"].values())
+        + " MiB.",
         "",
         f"SIGTERM under load: SIGTERM after {sig['sigterm_after_s']:g} s of load; "
         f"{sig['requests_started_before_sigterm']} requests had started, "

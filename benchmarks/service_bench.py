@@ -34,6 +34,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, File, UploadFile
 from http_load import (
+    CpuWatch,
     LoadResult,
     ServerProcess,
     batch_upload,
@@ -120,19 +121,18 @@ def http_point(
             if warmup:
                 await run_load(client, schedule, n=warmup, concurrency=concurrency)
             before = scrape_metrics(server.base_url) if metrics else {}
-            cpu_before = server.cpu_seconds()
+            watch = CpuWatch(server.pid)
             result = await run_load(
                 client, schedule, n=max_requests, concurrency=concurrency, max_seconds=seconds
             )
-            cpu = server.cpu_seconds() - cpu_before
+            cpu = watch.read()
             after = scrape_metrics(server.base_url) if metrics else {}
             delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in series if metrics}
             return result, cpu, delta
 
     result, cpu, delta = asyncio.run(go())
     summary = result.summary()
-    summary["server_cpu_s"] = cpu
-    summary["server_cpu_fraction_of_wall"] = cpu / result.wall_s
+    summary["cpu"] = cpu
     if delta:
         batches = delta[series[1]]
         summary["forward_passes"] = int(batches)
@@ -144,7 +144,9 @@ def http_point(
         f"{summary['requests_per_s']:8.1f} req/s {summary['images_per_s']:8.1f} img/s  "
         f"p50 {summary['latency_ms']['p50']:7.1f} ms  p99 {summary['latency_ms']['p99']:7.1f} ms"
         f"  statuses {summary['status_counts']}"
-        + (f"  mean batch {summary['mean_batch_size']:.1f}" if delta else ""),
+        + (f"  mean batch {summary['mean_batch_size']:.1f}" if delta else "")
+        + f"  cores: server {cpu['server_cores']:.2f} client {cpu['load_generator_cores']:.2f}"
+        f" other {cpu['other_cores']:.2f}",
         flush=True,
     )
     return summary
@@ -158,10 +160,12 @@ def in_process_throughput(
 
     from model.calibration_file import load_calibration
     from model.checkpoint import load_checkpoint
+    from model.device import select_device
     from model.scores import compute_scores
     from training.data import ImageShape, load_dataset
 
-    model, info = load_checkpoint(checkpoint, torch.device("cpu"))
+    # select_device, as the service does: on CPU it also flushes denormals to zero
+    model, info = load_checkpoint(checkpoint, select_device("cpu"))
     calibration = load_calibration(checkpoint, weights_sha256=info.weights_sha256)
     k = iwae_k or calibration.iwae_k
     c, size, _ = model.vae.image_shape
@@ -171,8 +175,10 @@ def in_process_throughput(
         for i in range(max(1, len(images) // batch_size))
     ]
     batches = [b for b in batches if len(b) == batch_size] or [images[:batch_size]]
-    compute_scores(model, batches[0], iwae_k=k, seed=calibration.seed)  # warm-up
+    for batch in batches[:3]:  # warm-up
+        compute_scores(model, batch, iwae_k=k, seed=calibration.seed)
     done = calls = 0
+    watch = CpuWatch()
     started = time.perf_counter()
     while time.perf_counter() - started < seconds or calls < 3:
         compute_scores(model, batches[calls % len(batches)], iwae_k=k, seed=calibration.seed)
@@ -187,8 +193,13 @@ def in_process_throughput(
         "wall_s": wall,
         "images_per_s": done / wall,
         "torch_threads": torch.get_num_threads(),
+        "cpu": watch.read(),
     }
-    print(f"  in-process batch {batch_size}: {result['images_per_s']:.1f} img/s", flush=True)
+    print(
+        f"  in-process batch {batch_size}: {result['images_per_s']:.1f} img/s, other cores "
+        f"{result['cpu']['other_cores']:.2f}",
+        flush=True,
+    )
     return result
 
 
@@ -341,10 +352,12 @@ def markdown(results: dict[str, Any]) -> str:
     )
 
     def row(label: str, s: dict[str, Any], extra: str = "") -> str:
-        lat = s["latency_ms"]
+        lat, cpu = s["latency_ms"], s["cpu"]
         return (
             f"| {label} | {s['ok']} | {s['requests_per_s']:.1f} | {s['images_per_s']:.1f} | "
-            f"{lat['p50']:.1f} | {lat['p99']:.1f} | {s['server_errors_5xx']} | {extra} |"
+            f"{lat['p50']:.1f} | {lat['p99']:.1f} | {s['server_errors_5xx']} | "
+            f"{cpu['server_cores']:.2f} / {cpu['load_generator_cores']:.2f} / "
+            f"{cpu['other_cores']:.2f} | {extra} |"
         )
 
     def batch_info(s: dict[str, Any]) -> str:
@@ -372,9 +385,12 @@ def markdown(results: dict[str, Any]) -> str:
         f"{ckpt['image_shape'][1]}x{ckpt['image_shape'][2]} PNGs from `{st['data']}` "
         f"(mean {st['png_bytes_mean']:.0f} bytes). Server settings: `{st['server_env']}`.",
         "",
+        "Cores: average CPU cores used during the point by the server / the load generator "
+        "/ everything else on the machine (other work competes with both).",
+        "",
         "| endpoint, concurrency | requests ok | requests/s | images/s | p50 ms | p99 ms "
-        "| 5xx | notes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| 5xx | cores | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c, s in results["bare"].items():
         lines.append(row(f"bare FastAPI `/score`, c={c}", s))
@@ -393,8 +409,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| in-process `compute_scores` (batch {p['batch_size']}) | {p['calls']} calls | "
             f"{p['calls'] / p['wall_s']:.1f} calls/s | {p['images_per_s']:.1f} | "
-            f"{1000 * p['wall_s'] / p['calls']:.1f} per call | | | {p['torch_threads']} "
-            "torch threads |"
+            f"{1000 * p['wall_s'] / p['calls']:.1f} per call | | | "
+            f"{p['cpu']['load_generator_cores']:.2f} (in-process) / {p['cpu']['other_cores']:.2f} "
+            f"| {p['torch_threads']} torch threads |"
         )
     lines += [
         "",
