@@ -20,7 +20,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from model.metrics import ood_metrics
-from model.scores import SCORE_NAMES
+from model.scores import DEFAULT_SCORE, SCORE_NAMES
 from service.app import create_app
 from service.settings import ResizePolicy, Settings
 from tests.conftest import TINY_UNCALIBRATED
@@ -133,7 +133,7 @@ def test_model_metadata(tiny_service_client: TestClient, tiny_sha256: str) -> No
     calibrated = {s["name"]: s["calibrated"] for s in body["scores"]}
     assert calibrated[TINY_UNCALIBRATED] is False and calibrated["complexity_bpd"] is True
     cal = body["calibration"]
-    assert cal["default_score"] == "complexity_bpd" and cal["iwae_k"] == 2
+    assert cal["default_score"] == DEFAULT_SCORE and cal["iwae_k"] == 2
     assert cal["scores"]["elbo_bpd"]["n"] == 32 and cal["scores"]["elbo_bpd"]["target_fpr"] == 0.1
     assert body["limits"]["max_batch_files"] == MAX_FILES
     assert body["model"]["weights_sha256"] == tiny_sha256
@@ -164,8 +164,8 @@ def test_score_one_image(tiny_service_client: TestClient, tiny_sha256: str) -> N
     body = response.json()
     assert list(body["scores"]) == list(SCORE_NAMES)
     decision = body["decision"]
-    assert decision["score"] == "complexity_bpd" and decision["target_fpr"] == 0.1
-    assert decision["value"] == body["scores"]["complexity_bpd"]
+    assert decision["score"] == DEFAULT_SCORE and decision["target_fpr"] == 0.1
+    assert decision["value"] == body["scores"][DEFAULT_SCORE]
     assert decision["is_ood"] == (decision["value"] > decision["threshold"])
     assert 0 < decision["p_value"] <= 1
     assert body["image"] == {
@@ -659,7 +659,7 @@ def test_metrics_exposition_parses(tiny_service_client: TestClient) -> None:
     )
     assert value("vaebm_batch_size", "vaebm_batch_size_count") >= 1
     assert value("vaebm_ood_score_complexity_bpd", "vaebm_ood_score_complexity_bpd_count") >= 1
-    assert value("vaebm_decisions", "vaebm_decisions_total", score="complexity_bpd") >= 1
+    assert value("vaebm_decisions", "vaebm_decisions_total", score=DEFAULT_SCORE) >= 1
     assert value("vaebm_ready", "vaebm_ready") == 1
     info = families["vaebm_model_info"].samples[0]
     assert info.labels["name"] == "tiny" and info.labels["device"] == "cpu"
