@@ -520,19 +520,25 @@ def environment() -> dict[str, Any]:
     }
 
 
-RESULTS_START = "<!-- results:start (written by the benchmark script; edit around it) -->"
-RESULTS_END = "<!-- results:end -->"
+def results_markers(label: str = "") -> tuple[str, str]:
+    """The comment lines around a results block (one block per label in a document)."""
+    tag = f"results:{label}" if label else "results"
+    return (
+        f"<!-- {tag}:start (written by the benchmark script; edit around it) -->",
+        f"<!-- {tag}:end -->",
+    )
 
 
-def write_results_block(path: Path, block: str, title: str) -> None:
-    """Put ``block`` between the results markers of ``path``, keeping the text around them
-    (a new file gets ``title`` and the block)."""
-    text = path.read_text() if path.exists() else f"# {title}\n\n{RESULTS_START}\n{RESULTS_END}\n"
-    if RESULTS_START not in text or RESULTS_END not in text:
-        text = text.rstrip("\n") + f"\n\n{RESULTS_START}\n{RESULTS_END}\n"
-    head, rest = text.split(RESULTS_START, 1)
-    _, tail = rest.split(RESULTS_END, 1)
-    path.write_text(f"{head}{RESULTS_START}\n{block.strip()}\n{RESULTS_END}{tail}")
+def write_results_block(path: Path, block: str, title: str, label: str = "") -> None:
+    """Put ``block`` between the results markers of ``path`` (for ``label``), keeping the
+    text around them; a missing block is appended, a new file gets ``title`` first."""
+    start, end = results_markers(label)
+    text = path.read_text() if path.exists() else f"# {title}\n"
+    if start not in text or end not in text:
+        text = text.rstrip("\n") + f"\n\n{start}\n{end}\n"
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{block.strip()}\n{end}{tail}")
 
 
 def busy_cpu_seconds() -> float:

@@ -206,7 +206,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ]
     schedule = mixed_schedule(singles, batches, args.batch_every)
     total = total_for(args.score_requests, args.batch_every)
-    env = {}
+    env = dict(item.split("=", 1) for item in args.server_env)
+    if args.torch_threads:
+        env["OMP_NUM_THREADS"] = str(args.torch_threads)
     if args.iwae_k:
         env["VAEBM_IWAE_K"] = str(args.iwae_k)
     command = [sys.executable, "-m", "service", "--port", "{port}", "--device", "cpu"]
@@ -411,13 +413,26 @@ def main() -> int:
     parser.add_argument("--max-seconds", type=float, default=1800, help="bound of the measured run")
     parser.add_argument("--sigterm-after", type=float, default=3.0)
     parser.add_argument("--iwae-k", type=int, help="VAEBM_IWAE_K (default: the calibration's)")
+    parser.add_argument(
+        "--label", default="", help="which results block of --doc to write (default: the main one)"
+    )
+    parser.add_argument(
+        "--torch-threads", type=int, help="OMP_NUM_THREADS of the service (default: torch's)"
+    )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="one more environment variable of the service (repeatable)",
+    )
     parser.add_argument("--log-dir", default="/tmp/vaebm-load-test", help="server log")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "load-test.json")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "load-test.md")
     args = parser.parse_args()
     results = run(args)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    write_results_block(args.doc, markdown(results), "Load test")
+    write_results_block(args.doc, markdown(results), "Load test", args.label)
     print(
         json.dumps(
             {"requirements": results["requirements"], "sigterm": results["sigterm"]}, indent=2

@@ -153,10 +153,18 @@ def http_point(
 
 
 def in_process_throughput(
-    checkpoint: Path, data: str, batch_size: int, iwae_k: int | None, seconds: float
+    checkpoint: Path,
+    data: str,
+    batch_size: int,
+    iwae_k: int | None,
+    seconds: float,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """``compute_scores`` on batches of ``batch_size`` in this process, images per second."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from model.calibration_file import load_calibration
     from model.checkpoint import load_checkpoint
@@ -227,6 +235,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for j in range(8)
     ]
     env = {"VAEBM_LOG_LEVEL": "INFO", "VAEBM_BATCH_MAX_SIZE": str(args.server_batch_max_size)}
+    if args.torch_threads:
+        env["OMP_NUM_THREADS"] = str(args.torch_threads)
     if args.iwae_k:
         env["VAEBM_IWAE_K"] = str(args.iwae_k)
     logs = Path(args.log_dir)
@@ -286,10 +296,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     print("in-process model (the compute limit of /score/batch)", flush=True)
     results["in_process"] = in_process_throughput(
-        args.checkpoint, args.data, args.batch_size, args.iwae_k, args.seconds
+        args.checkpoint, args.data, args.batch_size, args.iwae_k, args.seconds, args.torch_threads
     )
     results["in_process_other_sizes"] = {
-        str(b): in_process_throughput(args.checkpoint, args.data, b, args.iwae_k, args.seconds)
+        str(b): in_process_throughput(
+            args.checkpoint, args.data, b, args.iwae_k, args.seconds, args.torch_threads
+        )
         for b in args.in_process_extra
         if b != args.batch_size
     }
@@ -479,6 +491,14 @@ def main() -> None:
         help="more in-process batch sizes, for reference (1: the cost without batching)",
     )
     parser.add_argument("--iwae-k", type=int, help="VAEBM_IWAE_K (default: the calibration's)")
+    parser.add_argument(
+        "--label", default="", help="which results block of --doc to write (default: the main one)"
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        help="OMP_NUM_THREADS of the service and torch threads in-process (default: torch's)",
+    )
     parser.add_argument("--log-dir", default="/tmp/vaebm-service-bench", help="server logs")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "service-benchmarks.json")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "service-benchmarks.md")
@@ -488,7 +508,7 @@ def main() -> None:
         return
     results = run(args)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    write_results_block(args.doc, markdown(results), "Service benchmarks")
+    write_results_block(args.doc, markdown(results), "Service benchmarks", args.label)
     print(json.dumps(results["ratios"], indent=2))
     print(f"wrote {args.out} and {args.doc}")
 
