@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -223,6 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "batch_every": args.batch_every,
             "batch_size": args.batch_size,
             "warmup_requests": args.warmup_requests,
+            "warmup_max_batch": args.warmup_max_batch,
             "max_seconds": args.max_seconds,
             "data": args.data,
             "distinct_images": len(pngs),
@@ -237,11 +239,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["rss_kib_at_ready"] = server.rss_kib()
         print(f"warm-up: {args.warmup_requests} requests", flush=True)
 
+        big = batch_upload([pngs[i % len(pngs)] for i in range(args.warmup_max_batch)])
+
         async def warm() -> LoadResult:
             async with make_client(server.base_url, args.concurrency) as client:
-                return await run_load(
+                result = await run_load(
                     client, schedule, n=args.warmup_requests, concurrency=args.concurrency
                 )
+                if args.warmup_max_batch:  # the largest forward pass the run could cause
+                    await run_load(client, lambda i: big, n=2, concurrency=1)
+                return result
 
         warmup = asyncio.run(warm())
         results["warmup"] = warmup.summary()
@@ -305,6 +312,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def rss_medians(samples: list[list[float]], fraction: float = 0.1) -> tuple[float, float]:
+    """Median RSS (KiB) over the first and the last ``fraction`` of the run: less sensitive
+    than single readings to a forward pass that happens to be running."""
+    end = samples[-1][0]
+    first = [v for t, v in samples if t <= fraction * end]
+    last = [v for t, v in samples if t >= (1 - fraction) * end]
+    return statistics.median(first), statistics.median(last)
+
+
 def markdown(results: dict[str, Any]) -> str:
     env, ckpt, st, req = (
         results["environment"],
@@ -314,6 +330,7 @@ def markdown(results: dict[str, Any]) -> str:
     )
     sig = results["sigterm"]
     mib = 1024.0
+    first, last = rss_medians(results["rss_samples_kib"])
 
     def row(label: str, s: dict[str, Any]) -> str:
         lat = s["latency_ms"]
@@ -336,7 +353,13 @@ def markdown(results: dict[str, Any]) -> str:
         "```",
         "",
         f"{st['total_requests']} requests at concurrency {st['concurrency']} after "
-        f"{st['warmup_requests']} warm-up requests: every {st['batch_every']}th a "
+        f"{st['warmup_requests']} warm-up requests"
+        + (
+            f" and two `/score/batch` of {st['warmup_max_batch']} images"
+            if st.get("warmup_max_batch")
+            else ""
+        )
+        + f": every {st['batch_every']}th a "
         f"`/score/batch` of {st['batch_size']} images, the rest single-image `/score` "
         f"({st['distinct_images']} distinct PNGs from `{st['data']}`). Wall time "
         f"{run['all']['wall_s']:.0f} s; average CPU cores used: server "
@@ -363,7 +386,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"**{100 * req['rss_growth']:+.2f}%** (limit +{100 * MAX_RSS_GROWTH:.0f}%). At 0, 25, "
         "50, 75 and 100% of the run: "
         + ", ".join(f"{v / mib:.1f}" for v in results["rss_kib_by_run_fraction"].values())
-        + " MiB.",
+        + f" MiB; median of the first 10% of the run {first / mib:.1f} MiB, of the last 10% "
+        f"{last / mib:.1f} MiB ({100 * (last / first - 1):+.1f}%).",
         "",
         f"SIGTERM under load: SIGTERM after {sig['sigterm_after_s']:g} s of load; "
         f"{sig['requests_started_before_sigterm']} requests had started, "
@@ -410,6 +434,13 @@ def main() -> int:
     parser.add_argument("--batch-every", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--warmup-requests", type=int, default=1000)
+    parser.add_argument(
+        "--warmup-max-batch",
+        type=int,
+        default=0,
+        help="end the warm-up with two /score/batch requests of this many images "
+        "(the service's VAEBM_BATCH_MAX_SIZE, 64: its largest forward pass)",
+    )
     parser.add_argument("--max-seconds", type=float, default=1800, help="bound of the measured run")
     parser.add_argument("--sigterm-after", type=float, default=3.0)
     parser.add_argument("--iwae-k", type=int, help="VAEBM_IWAE_K (default: the calibration's)")
