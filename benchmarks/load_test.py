@@ -31,6 +31,7 @@ import math
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,14 @@ async def sigterm_under_load(
     before = [r for r in result.records if r.started < sigterm]
     in_flight = [r for r in before if r.started + r.latency > sigterm]
     failed = [r for r in before if r.status != 200]
+    # Received: the whole request was written to the socket before the signal, so the
+    # server had it. A request the client had started but not yet written may find its
+    # keep-alive connection closed as idle by the shutting-down server: it never arrived.
+    received = [r for r in before if r.body_sent_at is not None and r.body_sent_at < sigterm]
+    received_ids = {id(r) for r in received}
+    in_flight_ids = {id(r) for r in in_flight}
+    not_received = [r for r in before if id(r) not in received_ids]
+    outcomes = Counter(str(r.status) if r.status else r.error for r in not_received)
     exit_code = await asyncio.get_running_loop().run_in_executor(
         None, server.wait, probe["sigterm_monotonic"]
     )
@@ -179,8 +188,19 @@ async def sigterm_under_load(
             1 for r in in_flight if r.body_sent_at is not None and r.body_sent_at < sigterm
         ),
         "in_flight_completed_200": sum(1 for r in in_flight if r.status == 200),
+        "received_before_sigterm": len(received),
+        "received_before_sigterm_200": sum(1 for r in received if r.status == 200),
+        "received_in_flight_at_sigterm": sum(1 for r in received if id(r) in in_flight_ids),
+        "started_not_received_before_sigterm": len(not_received),
+        "started_not_received_outcomes": dict(outcomes),
         "started_before_sigterm_not_200": [
-            {"kind": r.kind, "status": r.status, "error": r.error, "started_s": r.started}
+            {
+                "kind": r.kind,
+                "status": r.status,
+                "error": r.error,
+                "started_s": r.started - sigterm,
+                "body_sent_s": None if r.body_sent_at is None else r.body_sent_at - sigterm,
+            }
             for r in failed
         ],
         "requests_after_sigterm": len(result.records) - len(before),
@@ -192,7 +212,13 @@ async def sigterm_under_load(
         "server_exit_after_sigterm_s": server.stop_seconds,
         "log_says_in_flight_finished": "in-flight work finished" in log,
         "log_says_shut_down_cleanly": "shut down cleanly" in log,
-        "ok": not failed and exit_code == 0 and len(in_flight) > 0,
+        "any_5xx": any(r.status is not None and r.status >= 500 for r in result.records),
+        "ok": (
+            all(r.status == 200 for r in received)
+            and not any(r.status is not None and r.status >= 500 for r in result.records)
+            and exit_code == 0
+            and any(id(r) in in_flight_ids for r in received)
+        ),
     }
 
 
@@ -312,6 +338,88 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def bursts(args: argparse.Namespace) -> dict[str, Any]:
+    """Memory under bursty traffic: ``--bursts`` rounds of ``--burst-requests`` requests of
+    the same mix at the same concurrency, each followed by ``--burst-pause`` idle seconds;
+    the server's RSS is read at the end of every pause (and every 0.5 s for the record)."""
+    ckpt = checkpoint_summary(args.checkpoint)
+    channels, size, _ = ckpt["image_shape"]
+    pngs = png_images(args.data, channels, size, args.images)
+    singles = [single_upload(png, f"image-{i}.png") for i, png in enumerate(pngs)]
+    batches = [
+        batch_upload([pngs[(j * args.batch_size + i) % len(pngs)] for i in range(args.batch_size)])
+        for j in range(16)
+    ]
+    schedule = mixed_schedule(singles, batches, args.batch_every)
+    env = dict(item.split("=", 1) for item in args.server_env)
+    if args.torch_threads:
+        env["OMP_NUM_THREADS"] = str(args.torch_threads)
+    command = [sys.executable, "-m", "service", "--port", "{port}", "--device", "cpu"]
+    command += ["--checkpoint", str(args.checkpoint)]
+    log = Path(args.log_dir) / "bursts.log"
+    with ServerProcess(command, env=env, cwd=REPO, log_path=log) as server:
+        ready = server.rss_kib()
+
+        async def go() -> tuple[list[int], list[dict[str, Any]]]:
+            after: list[int] = []
+            summaries = []
+            async with make_client(server.base_url, args.concurrency) as client:
+                for _ in range(args.bursts):
+                    result = await run_load(
+                        client, schedule, n=args.burst_requests, concurrency=args.concurrency
+                    )
+                    summaries.append(result.summary())
+                    await asyncio.sleep(args.burst_pause)
+                    after.append(server.rss_kib())
+                    print(f"  burst {len(after)}: idle RSS {after[-1] / 1024:.0f} MiB", flush=True)
+            return after, summaries
+
+        after, summaries = asyncio.run(go())
+    return {
+        "environment": environment(),
+        "checkpoint": ckpt,
+        "settings": {
+            "bursts": args.bursts,
+            "burst_requests": args.burst_requests,
+            "burst_pause_s": args.burst_pause,
+            "concurrency": args.concurrency,
+            "batch_every": args.batch_every,
+            "batch_size": args.batch_size,
+            "server_env": env,
+        },
+        "rss_kib_at_ready": ready,
+        "rss_kib_after_each_burst": after,
+        "statuses": [s["status_counts"] for s in summaries],
+        "server_errors_5xx": sum(s["server_errors_5xx"] for s in summaries),
+        "transport_errors": sum(s["transport_errors"] for s in summaries),
+        "requests_per_s": [s["requests_per_s"] for s in summaries],
+        "command": "nice -n 19 python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+    }
+
+
+def bursts_markdown(r: dict[str, Any]) -> str:
+    st, env = r["settings"], r["environment"]
+    after = r["rss_kib_after_each_burst"]
+    return "\n".join(
+        [
+            f"Run {env['date_utc']} at commit `{env['git_commit']}`, server environment "
+            f"`{st['server_env'] or 'defaults'}`: {st['bursts']} bursts of "
+            f"{st['burst_requests']} requests at concurrency {st['concurrency']} (same mix), "
+            f"each followed by {st['burst_pause_s']:g} s idle.",
+            "",
+            "```bash",
+            r["command"],
+            "```",
+            "",
+            f"RSS when ready {r['rss_kib_at_ready'] / 1024:.0f} MiB; idle RSS after each burst "
+            "(MiB): " + ", ".join(f"{v / 1024:.0f}" for v in after) + f"; growth from the first "
+            f"to the last burst {100 * (after[-1] / after[0] - 1):+.0f}%. Requests/s per burst: "
+            + ", ".join(f"{v:.0f}" for v in r["requests_per_s"])
+            + f"; 5xx {r['server_errors_5xx']}, transport errors {r['transport_errors']}.",
+        ]
+    )
+
+
 def rss_medians(samples: list[list[float]], fraction: float = 0.1) -> tuple[float, float]:
     """Median RSS (KiB) over the first and the last ``fraction`` of the run: less sensitive
     than single readings to a forward pass that happens to be running."""
@@ -319,6 +427,49 @@ def rss_medians(samples: list[list[float]], fraction: float = 0.1) -> tuple[floa
     first = [v for t, v in samples if t <= fraction * end]
     last = [v for t, v in samples if t >= (1 - fraction) * end]
     return statistics.median(first), statistics.median(last)
+
+
+def sigterm_text(sig: dict[str, Any]) -> str:
+    """The SIGTERM paragraph (results from before the received/not-received split, which
+    lack those fields, get the older wording)."""
+    head = (
+        f"SIGTERM under load: SIGTERM after {sig['sigterm_after_s']:g} s of load; "
+        f"{sig['requests_started_before_sigterm']} requests had started, "
+        f"{sig['in_flight_at_sigterm']} of them ({sig['in_flight_images']} images) were "
+        "unanswered at the signal. "
+    )
+    if "received_before_sigterm" in sig:
+        middle = (
+            f"Received by the server (request fully written before the signal): "
+            f"{sig['received_before_sigterm']}, of which "
+            f"{sig['received_in_flight_at_sigterm']} still in flight; "
+            f"{sig['received_before_sigterm_200']} of the received got 200, the last "
+            f"{sig['last_answer_after_sigterm_s']:.2f} s after the signal. Started by the "
+            f"client but not yet written at the signal: "
+            f"{sig['started_not_received_before_sigterm']}, outcomes "
+            f"{sig['started_not_received_outcomes'] or 'none'}. "
+        )
+    else:
+        failed = sig["started_before_sigterm_not_200"]
+        middle = (
+            f"{sig['in_flight_body_sent_before_sigterm']} of the unanswered had their request "
+            f"fully written before the signal; {sig['in_flight_completed_200']} of the "
+            f"unanswered got 200, the last {sig['last_answer_after_sigterm_s']:.2f} s after "
+            f"the signal; requests started before the signal without a 200: {len(failed)} "
+            f"({dict(Counter(str(f['status']) if f['status'] else f['error'] for f in failed))})"
+            ". "
+        )
+    return (
+        head
+        + middle
+        + (
+            f"A new connection 0.5 s after the signal: {sig['new_connection_after_sigterm']}. "
+            f"The server exited with status {sig['server_exit_code']} "
+            f"{sig['server_exit_after_sigterm_s']:.2f} s after the signal (log: in-flight work "
+            f"finished: {sig['log_says_in_flight_finished']}, shut down cleanly: "
+            f"{sig['log_says_shut_down_cleanly']})."
+        )
+    )
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -389,18 +540,7 @@ def markdown(results: dict[str, Any]) -> str:
         + f" MiB; median of the first 10% of the run {first / mib:.1f} MiB, of the last 10% "
         f"{last / mib:.1f} MiB ({100 * (last / first - 1):+.1f}%).",
         "",
-        f"SIGTERM under load: SIGTERM after {sig['sigterm_after_s']:g} s of load; "
-        f"{sig['requests_started_before_sigterm']} requests had started, "
-        f"{sig['in_flight_at_sigterm']} of them ({sig['in_flight_images']} images) were "
-        f"still in flight ({sig['in_flight_body_sent_before_sigterm']} with their body fully "
-        f"sent); {sig['in_flight_completed_200']} of those got 200, the last "
-        f"{sig['last_answer_after_sigterm_s']:.2f} s after the signal; requests started "
-        f"before SIGTERM without a 200: {len(sig['started_before_sigterm_not_200'])}. "
-        f"A new connection 0.5 s after the signal: {sig['new_connection_after_sigterm']}. "
-        f"The server exited with status {sig['server_exit_code']} "
-        f"{sig['server_exit_after_sigterm_s']:.2f} s after the signal "
-        f"(log: in-flight work finished: {sig['log_says_in_flight_finished']}, shut down "
-        f"cleanly: {sig['log_says_shut_down_cleanly']}).",
+        sigterm_text(sig),
         "",
         "| requirement | result | met |",
         "|---|---|---|",
@@ -413,8 +553,13 @@ def markdown(results: dict[str, Any]) -> str:
         f"{_yes(req['zero_transport_errors'])} |",
         f"| memory growth after warm-up < 10% | {100 * req['rss_growth']:+.2f}% | "
         f"{_yes(req['rss_growth_ok'])} |",
-        f"| in-flight requests complete on SIGTERM, exit 0 | "
-        f"{sig['in_flight_completed_200']}/{sig['in_flight_at_sigterm']}, exit "
+        "| requests received before SIGTERM complete with 200, no 5xx, exit 0 | "
+        + (
+            f"{sig['received_before_sigterm_200']}/{sig['received_before_sigterm']}"
+            if "received_before_sigterm" in sig
+            else f"{sig['in_flight_completed_200']}/{sig['in_flight_at_sigterm']} in flight"
+        )
+        + f", exit "
         f"{sig['server_exit_code']} | {_yes(req['sigterm_in_flight_complete'])} |",
     ]
     return "\n".join(lines)
@@ -460,7 +605,21 @@ def main() -> int:
     parser.add_argument("--log-dir", default="/tmp/vaebm-load-test", help="server log")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "load-test.json")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "load-test.md")
+    parser.add_argument(
+        "--bursts",
+        type=int,
+        default=0,
+        help="instead of the load run: this many bursts with idle pauses, RSS after each",
+    )
+    parser.add_argument("--burst-requests", type=int, default=500)
+    parser.add_argument("--burst-pause", type=float, default=3.0)
     args = parser.parse_args()
+    if args.bursts:
+        results = bursts(args)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        write_results_block(args.doc, bursts_markdown(results), "Load test", args.label)
+        print(bursts_markdown(results))
+        return 0
     results = run(args)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     write_results_block(args.doc, markdown(results), "Load test", args.label)
