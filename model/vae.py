@@ -131,15 +131,20 @@ class VAE(nn.Module):
         return h_half, h_quarter
 
     def _posterior_pass(
-        self, x: torch.Tensor, noise: list[torch.Tensor] | None = None
+        self, x: torch.Tensor, noise: list[torch.Tensor] | None = None, k: int = 1
     ) -> dict[str, torch.Tensor]:
-        """One draw z ~ q(z|x). Returns log p(x|z), log p(z), log q(z|x), KL (nats, (B,)).
+        """k draws z ~ q(z|x) per image. Returns log p(x|z), log p(z), log q(z|x) and the
+        KL, each (k * B,) in nats, draw j of image b at row ``j * B + b``.
 
-        ``noise`` optionally fixes the standard-normal draw of each group (same
-        shapes as the posterior means), so that a caller can make scores
-        reproducible per image.
+        The encoder is deterministic, so it runs once per image and its features are
+        repeated k times: only the decoder pays for the k draws. ``noise`` optionally
+        fixes the standard-normal draw of each group (same shapes as the posterior
+        means), so that a caller can make scores reproducible per image.
         """
         h_half, h_quarter = self._encode(x)
+        if k > 1:
+            x = x.repeat(k, 1, 1, 1)
+            h_half, h_quarter = h_half.repeat(k, 1, 1, 1), h_quarter.repeat(k, 1, 1, 1)
         terms = {"log_pz": 0.0, "log_qz": 0.0, "kl": 0.0}
 
         def from_posterior(i, prior_mean, prior_log_scale, feat):
@@ -203,8 +208,7 @@ class VAE(nn.Module):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         batch = x.shape[0]
-        xk = x.repeat(k, 1, 1, 1)  # (k*B, C, H, W)
-        t = self._posterior_pass(xk, noise)
+        t = self._posterior_pass(x, noise, k)
         log_w = (t["log_px_z"] + t["log_pz"] - t["log_qz"]).view(k, batch)
         elbo = (t["log_px_z"] - t["kl"]).view(k, batch).mean(0)
         return torch.logsumexp(log_w, dim=0) - math.log(k), elbo
