@@ -158,6 +158,31 @@ def compute_scores(
     }
 
 
+def chunk_sizes(n: int, largest: int) -> list[int]:
+    """Split n images into forward passes of a few fixed sizes.
+
+    Full chunks of ``largest``, then the remainder as distinct powers of two (its
+    binary digits): 45 with largest 32 gives [32, 8, 4, 1]. Nothing is padded, and
+    every pass has one of at most ``log2(largest) + 2`` shapes, so a long-running
+    process reuses the same few tensor sizes instead of fragmenting its heap with
+    every batch size it ever saw, and peak memory is that of one ``largest`` chunk.
+    """
+    if largest < 1:
+        raise ValueError(f"largest must be >= 1, got {largest}")
+    sizes = [largest] * (n // largest)
+    rest = n % largest
+    while rest:
+        step = 1 << (rest.bit_length() - 1)
+        sizes.append(step)
+        rest -= step
+    return sizes
+
+
+def forward_pass_sizes(largest: int) -> list[int]:
+    """Every size ``chunk_sizes`` can produce for this ``largest``, ascending."""
+    return sorted({largest, *(1 << i for i in range(largest.bit_length()) if 1 << i < largest)})
+
+
 def score_in_batches(
     model: VAEBM,
     images: np.ndarray,
@@ -167,18 +192,21 @@ def score_in_batches(
     seed: int = 0,
     progress=None,
 ) -> dict[str, np.ndarray]:
-    """compute_scores over a large array, ``batch_size`` images at a time.
+    """compute_scores over any number of images, in forward passes of ``chunk_sizes``.
 
-    ``progress``: optional callable receiving the number of images done per batch
-    (e.g. a tqdm ``update``), so that command-line tools can show a bar.
+    Scores do not depend on how images are grouped (posterior draws are seeded per
+    image). ``progress``: optional callable receiving the number of images done per
+    pass (e.g. a tqdm ``update``), so that command-line tools can show a bar.
     """
+    if len(images) == 0:
+        raise ValueError("images is empty: nothing to score")
     parts: dict[str, list[np.ndarray]] = {name: [] for name in SCORES}
-    for start in range(0, len(images), batch_size):
-        chunk = compute_scores(model, images[start : start + batch_size], iwae_k=iwae_k, seed=seed)
+    start = 0
+    for size in chunk_sizes(len(images), batch_size):
+        chunk = compute_scores(model, images[start : start + size], iwae_k=iwae_k, seed=seed)
         for name, values in chunk.items():
             parts[name].append(values)
+        start += size
         if progress is not None:
-            progress(len(images[start : start + batch_size]))
-    if not parts["elbo_bpd"]:
-        raise ValueError("images is empty: nothing to score")
+            progress(size)
     return {name: np.concatenate(values) for name, values in parts.items()}

@@ -21,7 +21,7 @@ from model.calibration_file import Calibration, CalibrationError, load_calibrati
 from model.checkpoint import CheckpointError, CheckpointInfo, load_checkpoint
 from model.device import select_device
 from model.likelihood import to_uint8
-from model.scores import compute_scores
+from model.scores import forward_pass_sizes, score_in_batches
 from model.vaebm import VAEBM
 from service.batching import MicroBatcher
 from service.metrics import ServiceMetrics
@@ -47,6 +47,7 @@ class ModelRuntime:
     iwae_k: int
     seed: int
     executor: ThreadPoolExecutor
+    forward_max_images: int = 32
     batcher: MicroBatcher = field(init=False)
 
     @property
@@ -63,8 +64,15 @@ class ModelRuntime:
         }
 
     def score_batch(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """All scores of a uint8 (B, C, H, W) batch (runs on the calling thread)."""
-        return compute_scores(self.model, images, iwae_k=self.iwae_k, seed=self.seed)
+        """All scores of a uint8 (B, C, H, W) batch (runs on the calling thread), in
+        forward passes of at most ``forward_max_images`` (see ``chunk_sizes``)."""
+        return score_in_batches(
+            self.model,
+            images,
+            batch_size=self.forward_max_images,
+            iwae_k=self.iwae_k,
+            seed=self.seed,
+        )
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the model thread."""
@@ -110,6 +118,7 @@ def load_runtime(settings: Settings, executor: ThreadPoolExecutor) -> ModelRunti
         iwae_k=iwae_k,
         seed=calibration.seed,
         executor=executor,
+        forward_max_images=settings.forward_max_images,
     )
 
 
@@ -126,11 +135,15 @@ def attach_batcher(runtime: ModelRuntime, settings: Settings, metrics: ServiceMe
 
 
 def warm_up(runtime: ModelRuntime) -> float:
-    """Score one all-black batch so that the first request pays no start-up cost."""
+    """Score all-black images once in every forward-pass size the service will use, so
+    that the first requests pay no start-up cost and the heap starts near its steady size.
+    """
     started = time.perf_counter()
-    images = np.zeros((1, *runtime.image_shape), dtype=np.uint8)
-    scores = runtime.score_batch(images)
-    bad = [name for name, values in scores.items() if not np.all(np.isfinite(values))]
+    largest = runtime.forward_max_images
+    bad: list[str] = []
+    for size in forward_pass_sizes(largest):
+        scores = runtime.score_batch(np.zeros((size, *runtime.image_shape), dtype=np.uint8))
+        bad += [name for name, values in scores.items() if not np.all(np.isfinite(values))]
     if bad:
         raise StartupError(f"warm-up produced non-finite scores {bad}: the weights are broken")
     return time.perf_counter() - started

@@ -13,7 +13,9 @@ from model.scores import (
     DEFAULT_SCORE,
     SCORE_NAMES,
     SCORES,
+    chunk_sizes,
     compute_scores,
+    forward_pass_sizes,
     image_seeds,
     png_bits_per_dim,
     score_in_batches,
@@ -125,6 +127,34 @@ def test_score_in_batches_matches_one_batch(model, digits):
     done = []
     chunked = score_in_batches(model, digits, batch_size=5, iwae_k=4, progress=done.append)
     assert done == [5, 5, 2]
+    for name in SCORES:
+        assert_same(chunked[name], whole[name], name)
+
+
+@pytest.mark.parametrize("largest", [1, 5, 8, 24, 32])
+def test_chunk_sizes_cover_n_with_few_fixed_shapes(largest):
+    allowed = set(forward_pass_sizes(largest))
+    assert max(allowed) == largest and len(allowed) <= largest.bit_length() + 1
+    for n in range(0, 200):
+        sizes = chunk_sizes(n, largest)
+        assert sum(sizes) == n
+        assert set(sizes) <= allowed
+        assert sizes == sorted(sizes, reverse=True)
+
+
+def test_chunk_sizes_examples_and_errors():
+    assert chunk_sizes(45, 32) == [32, 8, 4, 1]
+    assert chunk_sizes(64, 32) == [32, 32]
+    assert chunk_sizes(7, 24) == [4, 2, 1]
+    with pytest.raises(ValueError, match="largest"):
+        chunk_sizes(3, 0)
+
+
+def test_score_in_batches_uneven_remainder_matches_one_batch(model, digits):
+    whole = compute_scores(model, digits[:11], iwae_k=2)
+    done = []
+    chunked = score_in_batches(model, digits[:11], batch_size=4, iwae_k=2, progress=done.append)
+    assert done == [4, 4, 2, 1]
     for name in SCORES:
         assert_same(chunked[name], whole[name], name)
 
