@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from model.energy import EnergyConfig, EnergyNet
 from model.scores import (
     DEFAULT_SCORE,
+    LOSSLESS_CODECS,
     SCORE_NAMES,
     SCORES,
     chunk_sizes,
     compute_scores,
     forward_pass_sizes,
     image_seeds,
+    lossless_bits_per_dim,
     png_bits_per_dim,
     score_in_batches,
 )
@@ -76,6 +80,9 @@ def test_scores_relate_as_documented(model, digits):
     np.testing.assert_allclose(s["vaebm_bpd"], s["iwae_bpd"] + s["energy"] / d_ln2, rtol=1e-12)
     np.testing.assert_allclose(s["complexity_bpd"], s["vaebm_bpd"] - png, rtol=1e-12)
     np.testing.assert_allclose(s["elbo_complexity_bpd"], s["elbo_bpd"] - png, rtol=1e-12)
+    webp = lossless_bits_per_dim(digits, "webp")
+    np.testing.assert_allclose(s["complexity_webp_bpd"], s["vaebm_bpd"] - webp, rtol=1e-12)
+    np.testing.assert_allclose(s["elbo_complexity_webp_bpd"], s["elbo_bpd"] - webp, rtol=1e-12)
     np.testing.assert_allclose(s["iwae_gap_bpd"], s["elbo_bpd"] - s["iwae_bpd"], rtol=1e-12)
     # The energy is the network's output; bits/dim are positive for 8-bit data.
     with torch.no_grad():
@@ -179,6 +186,26 @@ def test_png_bits_per_dim_is_higher_for_noise_than_for_a_constant_image():
     rgb_noise = rng.integers(0, 256, (1, 3, 32, 32), dtype=np.uint8)
     rgb_constant = np.zeros((1, 3, 32, 32), dtype=np.uint8)
     assert png_bits_per_dim(rgb_noise)[0] > png_bits_per_dim(rgb_constant)[0] + 6
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_webp_is_lossless_and_no_longer_than_png_on_natural_images(channels, digits):
+    images = np.repeat(digits[:4], channels, axis=1)
+    webp = lossless_bits_per_dim(images, "webp")
+    assert (webp < png_bits_per_dim(images)).all()  # digits: mostly flat background
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (2, channels, 28, 28), dtype=np.uint8)
+    assert (lossless_bits_per_dim(noise, "webp") > 7).all()
+    for img in images[:2]:  # lossless: the bytes decode back to the same pixels
+        pixels = img[0] if channels == 1 else np.transpose(img, (1, 2, 0))
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, **LOSSLESS_CODECS["webp"])
+        decoded = np.asarray(
+            Image.open(io.BytesIO(buffer.getvalue())).convert("L" if channels == 1 else "RGB")
+        )
+        np.testing.assert_array_equal(decoded, pixels)
+    with pytest.raises(KeyError):
+        lossless_bits_per_dim(images, "gif")
 
 
 @pytest.mark.parametrize(
