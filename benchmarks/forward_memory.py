@@ -81,8 +81,10 @@ def main() -> None:
         results[mode] = json.loads(out.stdout)
         last = results[mode]["rss_mib"][-1][1]
         peak = max(v for _, v in results[mode]["rss_mib"])
-        print(f"{mode}: RSS at end {last:.0f} MiB, max {peak:.0f} MiB, "
-              f"{results[mode]['images_per_s']:.1f} img/s")
+        print(
+            f"{mode}: RSS at end {last:.0f} MiB, max {peak:.0f} MiB, "
+            f"{results[mode]['images_per_s']:.1f} img/s"
+        )
     ratio = results["fixed-sizes"]["images_per_s"] / results["one-pass"]["images_per_s"]
     print(f"throughput fixed-sizes / one-pass: {ratio:.2f}x")
     settings = {k: v for k, v in vars(args).items() if k not in ("mode", "out")}

@@ -6,7 +6,7 @@ Convention: for every score, **higher = more out-of-distribution**. Scores in
 
 Scores are reproducible per image: the posterior draws of the importance-weighted
 bound are seeded by (seed, the image's bytes), so an image gets the same scores
-whatever batch it arrives in.
+whatever batch it arrives in (up to float32 rounding of the batch's sums).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ SCORES: dict[str, ScoreSpec] = {
     )
 }
 SCORE_NAMES = tuple(SCORES)
-DEFAULT_SCORE = "elbo_complexity_bpd"  # chosen by benchmarks/ood_benchmark.py, see docs/
+DEFAULT_SCORE = "elbo_complexity_webp_bpd"  # chosen by benchmarks/ood_benchmark.py, see docs/
 
 
 # Pillow save options of the lossless codecs the complexity scores use. WebP: lossless,
