@@ -11,6 +11,7 @@ whatever batch it arrives in (up to float32 rounding of the batch's sums).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image  # only for the PNG length of the complexity scores
+from PIL import Image, features  # only for the lengths in the complexity scores
 
 from model.likelihood import to_unit_range
 from model.vaebm import VAEBM
@@ -99,6 +100,11 @@ def lossless_bits_per_dim(images: np.ndarray, codec: str = "png") -> np.ndarray:
     complexity: lower = simpler).
     """
     options = LOSSLESS_CODECS[codec]
+    if not _pillow_supports(str(options["format"])):
+        raise RuntimeError(
+            f"this Pillow build cannot write {options['format']}, which the complexity "
+            "scores need: install Pillow's wheel from PyPI (it bundles libwebp)"
+        )
     out = np.empty(len(images))
     for i, img in enumerate(images):
         pixels = img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0))
@@ -106,6 +112,11 @@ def lossless_bits_per_dim(images: np.ndarray, codec: str = "png") -> np.ndarray:
         Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, **options)
         out[i] = 8 * buffer.tell() / img.size
     return out
+
+
+@functools.cache
+def _pillow_supports(image_format: str) -> bool:
+    return image_format == "PNG" or bool(features.check(image_format.lower()))
 
 
 def png_bits_per_dim(images: np.ndarray) -> np.ndarray:

@@ -229,3 +229,11 @@ def test_wrong_shape_or_dtype_raises_value_error(model, images):
 def test_score_in_batches_rejects_empty_input(model):
     with pytest.raises(ValueError, match="empty"):
         score_in_batches(model, np.zeros((0, 1, 28, 28), dtype=np.uint8))
+
+
+def test_missing_webp_support_is_a_clear_error(monkeypatch, digits):
+    import model.scores
+
+    monkeypatch.setattr(model.scores, "_pillow_supports", lambda image_format: False)
+    with pytest.raises(RuntimeError, match="cannot write WEBP"):
+        lossless_bits_per_dim(digits[:1], "webp")
