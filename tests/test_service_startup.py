@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -79,6 +80,7 @@ def test_command_line_overrides_the_environment(monkeypatch: pytest.MonkeyPatch)
         ("port", 70000, "less than or equal to 65535"),
         ("device", "tpu", "device must be one of auto, cpu, cuda or cuda:N"),
         ("max_batch_files", 0, "greater than or equal to 1"),
+        ("forward_max_images", 0, "greater than or equal to 1"),
         ("api_keys", ["short"], "every API key must be at least 8 characters long"),
         ("reference_sets", {"calibration": "x"}, "reference set name 'calibration' is reserved"),
         ("log_level", "loud", "log_level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
@@ -87,6 +89,36 @@ def test_command_line_overrides_the_environment(monkeypatch: pytest.MonkeyPatch)
 def test_bad_settings_fail(field: str, value: object, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         Settings(**{field: value})
+
+
+def test_forward_passes_have_the_configured_sizes(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    import model.scores
+    from service.runtime import load_runtime, warm_up
+
+    sizes: list[int] = []
+    compute = model.scores.compute_scores
+
+    def spy(model_, images, **kwargs):
+        sizes.append(len(images))
+        return compute(model_, images, **kwargs)
+
+    monkeypatch.setattr(model.scores, "compute_scores", spy)
+    settings = Settings(checkpoint=tiny_checkpoint, device="cpu", forward_max_images=4)
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        runtime = load_runtime(settings, executor)
+    warm_up(runtime)
+    assert sizes == [1, 2, 4]  # every size a pass can have, once
+    sizes.clear()
+    images = np.random.default_rng(0).integers(0, 256, (11, *runtime.image_shape), np.uint8)
+    chunked = runtime.score_batch(images)
+    assert sizes == [4, 4, 2, 1]
+    whole = compute(runtime.model, images, iwae_k=runtime.iwae_k, seed=runtime.seed)
+    for name, values in whole.items():
+        np.testing.assert_allclose(chunked[name], values, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def test_serve_exits_2_on_bad_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
