@@ -118,8 +118,21 @@ def load_runtime(settings: Settings, executor: ThreadPoolExecutor) -> ModelRunti
         iwae_k=iwae_k,
         seed=calibration.seed,
         executor=executor,
-        forward_max_images=settings.forward_max_images,
+        forward_max_images=forward_pass_limit(settings, device),
     )
+
+
+CPU_FORWARD_MAX_IMAGES = 32  # benchmarks/service_bench.py: 32 beats 64 per image on CPU
+
+
+def forward_pass_limit(settings: Settings, device: torch.device) -> int:
+    """VAEBM_FORWARD_MAX_IMAGES, or its default for the device: a GPU is fastest with the
+    whole micro-batch in one pass, a CPU with passes of 32."""
+    if settings.forward_max_images is not None:
+        return settings.forward_max_images
+    if device.type == "cpu":
+        return min(CPU_FORWARD_MAX_IMAGES, settings.batch_max_size)
+    return settings.batch_max_size
 
 
 def attach_batcher(runtime: ModelRuntime, settings: Settings, metrics: ServiceMetrics) -> None:

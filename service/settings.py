@@ -63,12 +63,13 @@ class Settings(BaseSettings):
     microbatching: bool = True
     batch_max_size: int = Field(64, ge=1, le=4096)
     batch_max_wait_ms: float = Field(5.0, ge=0, le=10_000)
-    forward_max_images: int = Field(
-        32,
+    forward_max_images: int | None = Field(
+        None,
         ge=1,
         le=4096,
         description="images per forward pass: a larger batch runs as passes of this size "
-        "and powers of two below it (bounded peak memory, a fixed set of tensor shapes)",
+        "and powers of two below it (bounded peak memory, a fixed set of tensor shapes). "
+        "None: 32 on CPU (fastest per image there, and flat memory), batch_max_size on CUDA",
     )
 
     # Sampling caps

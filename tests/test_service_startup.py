@@ -121,6 +121,18 @@ def test_forward_passes_have_the_configured_sizes(
         np.testing.assert_allclose(chunked[name], values, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+def test_forward_pass_limit_defaults_by_device() -> None:
+    import torch
+
+    from service.runtime import forward_pass_limit
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert forward_pass_limit(Settings(), cpu) == 32
+    assert forward_pass_limit(Settings(batch_max_size=8), cpu) == 8
+    assert forward_pass_limit(Settings(batch_max_size=256), cuda) == 256
+    assert forward_pass_limit(Settings(forward_max_images=5), cuda) == 5
+
+
 def test_serve_exits_2_on_bad_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VAEBM_BATCH_MAX_SIZE", "0")
     assert serve([]) == EXIT_BAD_CONFIG
