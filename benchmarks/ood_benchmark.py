@@ -30,7 +30,7 @@ from model.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpo
 from model.device import select_device
 from model.metrics import auroc
 from model.scores import SCORES
-from training.calibrate import CalibrateArgs, calibrate
+from training.calibrate import CalibrateArgs, calibrate, write_report_markdown
 from training.data import ImageShape, load_dataset
 from training.scoring import score_dataset
 
@@ -257,6 +257,7 @@ def main() -> None:
         calibration = load_calibration(directory, weights_sha256=info.weights_sha256)
         calibration.default_score = default
         save_calibration(directory, calibration)
+        write_report_markdown(directory, calibration)
     out = Path(args.out)
     atomic_write_json(
         out / "ood-benchmark-results.json",

@@ -118,6 +118,11 @@ def write_report(directory: Path, calibration: Calibration, scores, cal_idx, hol
         },
         thresholds,
     )
+    write_report_markdown(directory, calibration)
+
+
+def write_report_markdown(directory: Path, calibration: Calibration) -> None:
+    """calibration_report.md alone (e.g. again after the default score changed)."""
     d = calibration.data
     lines = [
         f"# Calibration of `{directory.name}`",
