@@ -11,16 +11,14 @@ whatever batch it arrives in (up to float32 rounding of the batch's sums).
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import io
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, features  # only for the lengths in the complexity scores
 
+from model.complexity import lossless_bits_per_dim
 from model.likelihood import to_unit_range
 from model.vaebm import VAEBM
 
@@ -81,47 +79,6 @@ SCORES: dict[str, ScoreSpec] = {
 }
 SCORE_NAMES = tuple(SCORES)
 DEFAULT_SCORE = "elbo_complexity_webp_bpd"  # chosen by benchmarks/ood_benchmark.py, see docs/
-
-
-# Pillow save options of the lossless codecs the complexity scores use. WebP: lossless,
-# quality 100 (= most compression effort in lossless mode), libwebp's default method 4;
-# method 6 saves another 2% of bytes on 28x28 images but is 34x slower (~6 ms/image).
-LOSSLESS_CODECS: dict[str, dict[str, object]] = {
-    "png": {"format": "PNG", "compress_level": 9},
-    "webp": {"format": "WEBP", "lossless": True, "quality": 100, "method": 4},
-}
-
-
-def lossless_bits_per_dim(images: np.ndarray, codec: str = "png") -> np.ndarray:
-    """Length of each image losslessly compressed by ``codec``, bits per dimension.
-
-    images: uint8 (N, C, H, W) with C in {1, 3}; codec: a key of LOSSLESS_CODECS.
-    Returns (N,) float64, headers included (a rough upper bound of the image's
-    complexity: lower = simpler).
-    """
-    options = LOSSLESS_CODECS[codec]
-    if not _pillow_supports(str(options["format"])):
-        raise RuntimeError(
-            f"this Pillow build cannot write {options['format']}, which the complexity "
-            "scores need: install Pillow's wheel from PyPI (it bundles libwebp)"
-        )
-    out = np.empty(len(images))
-    for i, img in enumerate(images):
-        pixels = img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0))
-        buffer = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, **options)
-        out[i] = 8 * buffer.tell() / img.size
-    return out
-
-
-@functools.cache
-def _pillow_supports(image_format: str) -> bool:
-    return image_format == "PNG" or bool(features.check(image_format.lower()))
-
-
-def png_bits_per_dim(images: np.ndarray) -> np.ndarray:
-    """Lossless PNG length (compression level 9) of each image, bits per dimension."""
-    return lossless_bits_per_dim(images, "png")
 
 
 def image_seeds(images: np.ndarray, seed: int) -> list[int]:

@@ -10,18 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
+from model.complexity import LOSSLESS_CODECS, lossless_bits_per_dim, png_bits_per_dim
 from model.energy import EnergyConfig, EnergyNet
 from model.scores import (
     DEFAULT_SCORE,
-    LOSSLESS_CODECS,
     SCORE_NAMES,
     SCORES,
     chunk_sizes,
     compute_scores,
     forward_pass_sizes,
     image_seeds,
-    lossless_bits_per_dim,
-    png_bits_per_dim,
     score_in_batches,
 )
 from model.vae import VAE, VAEConfig
@@ -232,8 +230,8 @@ def test_score_in_batches_rejects_empty_input(model):
 
 
 def test_missing_webp_support_is_a_clear_error(monkeypatch, digits):
-    import model.scores
+    import model.complexity
 
-    monkeypatch.setattr(model.scores, "_pillow_supports", lambda image_format: False)
+    monkeypatch.setattr(model.complexity, "_pillow_supports", lambda image_format: False)
     with pytest.raises(RuntimeError, match="cannot write WEBP"):
         lossless_bits_per_dim(digits[:1], "webp")
