@@ -333,6 +333,41 @@ def test_ebm_rejects_an_unknown_cd_input(tmp_path, vae_checkpoint, ctx):
         train_ebm(ebm_args(vae_checkpoint, tmp_path / "x", cd_input="median"), ctx)
 
 
+def test_ebm_rejects_a_shuffled_share_outside_0_1(tmp_path, vae_checkpoint, ctx):
+    with pytest.raises(ValueError, match="shuffled_negatives"):
+        train_ebm(ebm_args(vae_checkpoint, tmp_path / "x", shuffled_negatives=1.5), ctx)
+
+
+def test_shuffle_pixels_keeps_each_images_intensities_and_breaks_its_structure():
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 8, 8)
+    shuffled = train_ebm_module.shuffle_pixels(images)
+    assert shuffled.shape == images.shape and not torch.equal(shuffled, images)
+    for original, moved in zip(images, shuffled, strict=True):
+        for channel in range(3):  # the same values, somewhere else
+            assert torch.equal(
+                original[channel].flatten().sort()[0], moved[channel].flatten().sort()[0]
+            )
+        # one permutation per image, shared by its channels: a pixel keeps its RGB triple
+        triples = {tuple(v.tolist()) for v in original.flatten(1).T}
+        assert {tuple(v.tolist()) for v in moved.flatten(1).T} == triples
+
+
+def test_with_shuffled_negatives_replaces_the_requested_share():
+    x_neg, x_pos = torch.zeros(8, 1, 4, 4), torch.rand(8, 1, 4, 4)
+    out = train_ebm_module.with_shuffled_negatives(x_neg, x_pos, 0.25)
+    assert out.shape == x_neg.shape
+    assert (out[:2] != 0).any() and torch.equal(out[2:], x_neg[2:])
+    assert torch.equal(train_ebm_module.with_shuffled_negatives(x_neg, x_pos, 0.0), x_neg)
+
+
+def test_ebm_trains_with_shuffled_negatives(tmp_path, vae_checkpoint, ctx):
+    metrics = train_ebm(ebm_args(vae_checkpoint, tmp_path / "s", shuffled_negatives=0.5), ctx)
+    assert np.isfinite(metrics["val_energy_mean"])
+    _, info = load_checkpoint(tmp_path / "s")
+    assert info.training["ebm"]["shuffled_negatives"] == 0.5
+
+
 # ----------------------------------------------------------------------- CLI
 def test_cli_train_vae_writes_a_loadable_checkpoint(tmp_path, data):
     out = tmp_path / "cli"

@@ -61,6 +61,10 @@ class EBMTrainArgs:
     grad_clip: float = 1.0
     max_abs_energy: float = 1e5  # beyond this the energy has blown up: stop
     flip: bool = False  # random horizontal flips of positives (off for digits/text)
+    # Not in the paper: this share of each batch's negatives are training images with
+    # their pixels shuffled (same intensities, no structure), so that the energy is also
+    # pushed up far from where the Langevin chains go. 0 = the paper's CD.
+    shuffled_negatives: float = 0.0
     eval_every: int = 100
     checkpoint_every: int = 100
     eval_images: int = 500
@@ -73,6 +77,8 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
     """Run stage 2; returns the final metrics. Resumable with ``args.resume``."""
     if args.cd_input not in CD_INPUTS:
         raise ValueError(f"cd_input must be one of {CD_INPUTS}, got {args.cd_input!r}")
+    if not 0.0 <= args.shuffled_negatives <= 1.0:
+        raise ValueError(f"shuffled_negatives must be in [0, 1], got {args.shuffled_negatives}")
     torch.manual_seed(args.seed)
     out = Path(args.out or args.checkpoint)
     source = Path(args.checkpoint)
@@ -119,6 +125,8 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
             flip = torch.rand(len(x_pos), device=ctx.device) < 0.5
             x_pos = torch.where(flip.view(-1, 1, 1, 1), x_pos.flip(3), x_pos)
         x_neg = negatives(model, len(x_pos), args, step, buffer)
+        if args.shuffled_negatives > 0:
+            x_neg = with_shuffled_negatives(x_neg, x_pos, args.shuffled_negatives)
         energies = net(torch.cat([x_pos, x_neg]))  # (2B,)
         e_pos, e_neg = energies.chunk(2)
         spectral = energy.spectral_norm_sum()
@@ -169,6 +177,23 @@ def negatives(
     with torch.no_grad():
         sample, mean = model.decode(noise)
     return (sample if args.cd_input == "sample" else mean).clamp(-1, 1)
+
+
+def shuffle_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Each image (B, C, H, W) with its pixel positions permuted (one permutation per
+    image, shared by its channels): the intensity histogram stays, the structure goes."""
+    b, c, h, w = images.shape
+    order = torch.rand(b, h * w, device=images.device).argsort(dim=1)
+    flat = images.reshape(b, c, h * w)
+    return flat.gather(2, order.unsqueeze(1).expand(b, c, h * w)).reshape(b, c, h, w)
+
+
+def with_shuffled_negatives(x_neg: torch.Tensor, x_pos: torch.Tensor, share: float) -> torch.Tensor:
+    """Replace the first ``round(share * B)`` negatives by pixel-shuffled positives."""
+    n = round(share * len(x_neg))
+    if n == 0:
+        return x_neg
+    return torch.cat([shuffle_pixels(x_pos[:n]), x_neg[n:]])
 
 
 @torch.no_grad()
