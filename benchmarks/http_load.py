@@ -80,6 +80,19 @@ def batch_upload(pngs: Sequence[bytes], path: str = "/score/batch") -> Upload:
     return Upload(path, body, content_type, images=len(pngs), kind="batch")
 
 
+def uploads(
+    pngs: Sequence[bytes], batch_size: int, n_batches: int
+) -> tuple[list[Upload], list[Upload]]:
+    """One single-image upload per PNG, and ``n_batches`` batch uploads of ``batch_size``
+    PNGs each, cycling through the PNGs."""
+    singles = [single_upload(png, f"image-{i}.png") for i, png in enumerate(pngs)]
+    batches = [
+        batch_upload([pngs[(j * batch_size + i) % len(pngs)] for i in range(batch_size)])
+        for j in range(n_batches)
+    ]
+    return singles, batches
+
+
 # ---------------------------------------------------------------------------------------------
 # results
 # ---------------------------------------------------------------------------------------------

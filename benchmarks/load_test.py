@@ -32,6 +32,8 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,7 @@ from http_load import (
     rss_kib,
     run_load,
     scrape_metrics,
-    single_upload,
+    uploads,
     write_results_block,
 )
 
@@ -222,17 +224,22 @@ async def sigterm_under_load(
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass
+class Setup:
+    """What both modes (the load run and the bursts) send, and to which server."""
+
+    checkpoint: dict[str, Any]
+    pngs: list[bytes]
+    schedule: Callable[[int], Upload]
+    env: dict[str, str]
+    command: list[str]
+
+
+def setup(args: argparse.Namespace) -> Setup:
     ckpt = checkpoint_summary(args.checkpoint)
     channels, size, _ = ckpt["image_shape"]
     pngs = png_images(args.data, channels, size, args.images)
-    singles = [single_upload(png, f"image-{i}.png") for i, png in enumerate(pngs)]
-    batches = [
-        batch_upload([pngs[(j * args.batch_size + i) % len(pngs)] for i in range(args.batch_size)])
-        for j in range(16)
-    ]
-    schedule = mixed_schedule(singles, batches, args.batch_every)
-    total = total_for(args.score_requests, args.batch_every)
+    singles, batches = uploads(pngs, args.batch_size, 16)
     env = dict(item.split("=", 1) for item in args.server_env)
     if args.torch_threads:
         env["OMP_NUM_THREADS"] = str(args.torch_threads)
@@ -240,6 +247,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         env["VAEBM_IWAE_K"] = str(args.iwae_k)
     command = [sys.executable, "-m", "service", "--port", "{port}", "--device", "cpu"]
     command += ["--checkpoint", str(args.checkpoint)]
+    schedule = mixed_schedule(singles, batches, args.batch_every)
+    return Setup(ckpt, pngs, schedule, env, command)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    s = setup(args)
+    ckpt, pngs, schedule, env, command = s.checkpoint, s.pngs, s.schedule, s.env, s.command
+    total = total_for(args.score_requests, args.batch_every)
     results: dict[str, Any] = {
         "environment": environment(),
         "checkpoint": ckpt,
@@ -342,20 +357,8 @@ def bursts(args: argparse.Namespace) -> dict[str, Any]:
     """Memory under bursty traffic: ``--bursts`` rounds of ``--burst-requests`` requests of
     the same mix at the same concurrency, each followed by ``--burst-pause`` idle seconds;
     the server's RSS is read at the end of every pause (and every 0.5 s for the record)."""
-    ckpt = checkpoint_summary(args.checkpoint)
-    channels, size, _ = ckpt["image_shape"]
-    pngs = png_images(args.data, channels, size, args.images)
-    singles = [single_upload(png, f"image-{i}.png") for i, png in enumerate(pngs)]
-    batches = [
-        batch_upload([pngs[(j * args.batch_size + i) % len(pngs)] for i in range(args.batch_size)])
-        for j in range(16)
-    ]
-    schedule = mixed_schedule(singles, batches, args.batch_every)
-    env = dict(item.split("=", 1) for item in args.server_env)
-    if args.torch_threads:
-        env["OMP_NUM_THREADS"] = str(args.torch_threads)
-    command = [sys.executable, "-m", "service", "--port", "{port}", "--device", "cpu"]
-    command += ["--checkpoint", str(args.checkpoint)]
+    s = setup(args)
+    ckpt, schedule, env, command = s.checkpoint, s.schedule, s.env, s.command
     log = Path(args.log_dir) / "bursts.log"
     with ServerProcess(command, env=env, cwd=REPO, log_path=log) as server:
         ready = server.rss_kib()

@@ -37,14 +37,13 @@ from http_load import (
     CpuWatch,
     LoadResult,
     ServerProcess,
-    batch_upload,
     checkpoint_summary,
     environment,
     make_client,
     png_images,
     run_load,
     scrape_metrics,
-    single_upload,
+    uploads,
     write_results_block,
 )
 
@@ -230,11 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ckpt = checkpoint_summary(args.checkpoint)
     channels, size, _ = ckpt["image_shape"]
     pngs = png_images(args.data, channels, size, args.images)
-    singles = [single_upload(png, f"image-{i}.png") for i, png in enumerate(pngs)]
-    batches = [
-        batch_upload([pngs[(j * args.batch_size + i) % len(pngs)] for i in range(args.batch_size)])
-        for j in range(8)
-    ]
+    singles, batches = uploads(pngs, args.batch_size, 8)
     env = {"VAEBM_LOG_LEVEL": "INFO", "VAEBM_BATCH_MAX_SIZE": str(args.server_batch_max_size)}
     if args.torch_threads:
         env["OMP_NUM_THREADS"] = str(args.torch_threads)
