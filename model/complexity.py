@@ -36,11 +36,17 @@ def lossless_bits_per_dim(images: np.ndarray, codec: str = "png") -> np.ndarray:
             f"this Pillow build cannot write {options['format']}, which the complexity "
             "scores need: install Pillow's wheel from PyPI (it bundles libwebp)"
         )
+    return encoded_bits_per_dim(images, options)
+
+
+def encoded_bits_per_dim(images: np.ndarray, save_options: dict[str, object]) -> np.ndarray:
+    """Length of each uint8 (N, C, H, W) image saved by Pillow with ``save_options``
+    (format included), bits per dimension, (N,) float64."""
     out = np.empty(len(images))
     for i, img in enumerate(images):
         pixels = img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0))
         buffer = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, **options)
+        Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, **save_options)
         out[i] = 8 * buffer.tell() / img.size
     return out
 
@@ -48,8 +54,3 @@ def lossless_bits_per_dim(images: np.ndarray, codec: str = "png") -> np.ndarray:
 @functools.cache
 def _pillow_supports(image_format: str) -> bool:
     return image_format == "PNG" or bool(features.check(image_format.lower()))
-
-
-def png_bits_per_dim(images: np.ndarray) -> np.ndarray:
-    """Lossless PNG length (compression level 9) of each image, bits per dimension."""
-    return lossless_bits_per_dim(images, "png")

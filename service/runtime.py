@@ -30,6 +30,7 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+CPU_FORWARD_MAX_IMAGES = 32  # benchmarks/service_bench.py: 32 beats 64 per image on CPU
 
 
 class StartupError(RuntimeError):
@@ -47,7 +48,7 @@ class ModelRuntime:
     iwae_k: int
     seed: int
     executor: ThreadPoolExecutor
-    forward_max_images: int = 32
+    forward_max_images: int = CPU_FORWARD_MAX_IMAGES
     batcher: MicroBatcher = field(init=False)
 
     @property
@@ -120,9 +121,6 @@ def load_runtime(settings: Settings, executor: ThreadPoolExecutor) -> ModelRunti
         executor=executor,
         forward_max_images=forward_pass_limit(settings, device),
     )
-
-
-CPU_FORWARD_MAX_IMAGES = 32  # benchmarks/service_bench.py: 32 beats 64 per image on CPU
 
 
 def forward_pass_limit(settings: Settings, device: torch.device) -> int:

@@ -125,8 +125,7 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
             flip = torch.rand(len(x_pos), device=ctx.device) < 0.5
             x_pos = torch.where(flip.view(-1, 1, 1, 1), x_pos.flip(3), x_pos)
         x_neg = negatives(model, len(x_pos), args, step, buffer)
-        if args.shuffled_negatives > 0:
-            x_neg = with_shuffled_negatives(x_neg, x_pos, args.shuffled_negatives)
+        x_neg = with_shuffled_negatives(x_neg, x_pos, args.shuffled_negatives)
         energies = net(torch.cat([x_pos, x_neg]))  # (2B,)
         e_pos, e_neg = energies.chunk(2)
         spectral = energy.spectral_norm_sum()
