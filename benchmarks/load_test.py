@@ -181,6 +181,7 @@ async def sigterm_under_load(
         None, server.wait, probe["sigterm_monotonic"]
     )
     log = server.log_path.read_text(errors="replace")
+    any_5xx = any(r.status is not None and r.status >= 500 for r in result.records)
     return {
         "sigterm_after_s": after_s,
         "requests_started_before_sigterm": len(before),
@@ -214,10 +215,10 @@ async def sigterm_under_load(
         "server_exit_after_sigterm_s": server.stop_seconds,
         "log_says_in_flight_finished": "in-flight work finished" in log,
         "log_says_shut_down_cleanly": "shut down cleanly" in log,
-        "any_5xx": any(r.status is not None and r.status >= 500 for r in result.records),
+        "any_5xx": any_5xx,
         "ok": (
             all(r.status == 200 for r in received)
-            and not any(r.status is not None and r.status >= 500 for r in result.records)
+            and not any_5xx
             and exit_code == 0
             and any(id(r) in in_flight_ids for r in received)
         ),
