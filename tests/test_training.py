@@ -274,19 +274,22 @@ def test_vae_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, data,
 
 
 # -------------------------------------------------------------------- stage 2
-def test_ebm_resume_after_kill_equals_uninterrupted_run(tmp_path, vae_checkpoint, ctx, monkeypatch):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_ebm_resume_after_kill_equals_uninterrupted_run(
+    tmp_path, vae_checkpoint, ctx, monkeypatch, ema_decay
+):
     full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
     vae_state = load_checkpoint(vae_checkpoint)[0].vae.state_dict()
-    train_ebm(ebm_args(vae_checkpoint, full_dir), ctx)
+    train_ebm(ebm_args(vae_checkpoint, full_dir, ema_decay=ema_decay), ctx)
 
-    kill_after_checkpoint(monkeypatch, train_ebm_module, step_position=4, at_step=3)
+    kill_after_checkpoint(monkeypatch, train_ebm_module, step_position=6, at_step=3)
     with pytest.raises(Killed):
-        train_ebm(ebm_args(vae_checkpoint, killed_dir), ctx)
+        train_ebm(ebm_args(vae_checkpoint, killed_dir, ema_decay=ema_decay), ctx)
     monkeypatch.undo()
     assert load_state(killed_dir / "train_state_ebm.pt")["step"] == 3
 
     steps = record_steps(monkeypatch, train_ebm_module)
-    train_ebm(ebm_args(vae_checkpoint, killed_dir, resume=True), ctx)
+    train_ebm(ebm_args(vae_checkpoint, killed_dir, ema_decay=ema_decay, resume=True), ctx)
     assert steps == [3, 4, 5]
 
     full, _ = load_checkpoint(full_dir)
@@ -368,6 +371,40 @@ def test_ebm_trains_with_shuffled_negatives(tmp_path, vae_checkpoint, ctx):
     assert info.training["ebm"]["shuffled_negatives"] == 0.5
 
 
+def test_ebm_rejects_an_ema_decay_outside_0_1(tmp_path, vae_checkpoint, ctx):
+    with pytest.raises(ValueError, match="ema_decay"):
+        train_ebm(ebm_args(vae_checkpoint, tmp_path / "x", ema_decay=1.0), ctx)
+
+
+def test_ebm_publishes_the_moving_average_of_the_energy(tmp_path, vae_checkpoint, ctx):
+    """With ema_decay d the published energy is the average of the iterates, not the
+    last one: replaying the recorded iterates through the EMA formula reproduces it."""
+    iterates = []
+    real_step = torch.optim.Adam.step
+
+    def recording_step(self, *a, **k):
+        out = real_step(self, *a, **k)
+        iterates.append([p.detach().clone() for p in self.param_groups[0]["params"]])
+        return out
+
+    decay = 0.5
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.Adam, "step", recording_step)
+        train_ebm(ebm_args(vae_checkpoint, tmp_path / "e", ema_decay=decay), ctx)
+    published, info = load_checkpoint(tmp_path / "e")
+    assert info.training["ebm"]["ema_decay"] == decay
+    expected = iterates[0]  # AveragedModel copies the first update as is
+    for params in iterates[1:]:
+        expected = [decay * e + (1 - decay) * p for e, p in zip(expected, params, strict=True)]
+    got = list(published.energy.parameters())
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+    last = iterates[-1]
+    assert any(not torch.allclose(g, p) for g, p in zip(got, last, strict=True))
+    assert "ema" in load_state(tmp_path / "e" / "train_state_ebm.pt")
+
+
 # ----------------------------------------------------------------------- CLI
 def test_cli_train_vae_writes_a_loadable_checkpoint(tmp_path, data):
     out = tmp_path / "cli"
@@ -411,7 +448,7 @@ def test_cli_train_all_resume_after_kill_in_the_ebm_stage(tmp_path, data, monkey
 
     full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
     assert main(argv(full_dir)) == 0
-    kill_after_checkpoint(monkeypatch, train_ebm_module, step_position=4, at_step=2)
+    kill_after_checkpoint(monkeypatch, train_ebm_module, step_position=6, at_step=2)
     with pytest.raises(Killed):
         main(argv(killed_dir))
     monkeypatch.undo()

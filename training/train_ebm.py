@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from model.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
@@ -65,6 +66,10 @@ class EBMTrainArgs:
     # their pixels shuffled (same intensities, no structure), so that the energy is also
     # pushed up far from where the Langevin chains go. 0 = the paper's CD.
     shuffled_negatives: float = 0.0
+    # Not in the paper: publish an exponential moving average of the energy's weights
+    # (this decay per step) instead of the last iterate, which oscillates by hundreds
+    # of nats between checkpoints without a magnitude penalty. 0 = the last iterate.
+    ema_decay: float = 0.0
     eval_every: int = 100
     checkpoint_every: int = 100
     eval_images: int = 500
@@ -79,6 +84,8 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
         raise ValueError(f"cd_input must be one of {CD_INPUTS}, got {args.cd_input!r}")
     if not 0.0 <= args.shuffled_negatives <= 1.0:
         raise ValueError(f"shuffled_negatives must be in [0, 1], got {args.shuffled_negatives}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {args.ema_decay}")
     torch.manual_seed(args.seed)
     out = Path(args.out or args.checkpoint)
     source = Path(args.checkpoint)
@@ -103,6 +110,7 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
         energy.parameters(), lr=args.lr, betas=(args.beta1, 0.999), weight_decay=args.weight_decay
     )
     buffer = PersistentBuffer(vae, args.buffer_size) if args.buffer_size else None
+    ema = averaged_energy(energy, args.ema_decay)
     step, seconds_before = 0, 0.0
     if args.resume and (out / STATE_NAME).exists():
         state = load_state(out / STATE_NAME)
@@ -110,11 +118,14 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         if buffer is not None:
             buffer.load_state_dict(state["buffer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
         step = state["step"]
         seconds_before = float(state.get("seconds", 0.0))  # wall time of earlier runs
         log.info("resumed EBM training from %s at step %d", out, step)
     net = DistributedDataParallel(energy) if ctx.distributed else energy
+    published = model if ema is None else VAEBM(vae, ema.module)
     started = time.time() - seconds_before
     progress = tqdm(total=args.steps, initial=step, desc="ebm", disable=not ctx.is_main)
     metrics: dict = {}
@@ -133,7 +144,7 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(energy.parameters(), args.grad_clip)
-        gap = float(all_reduce_mean(e_neg.mean() - e_pos.mean(), ctx))
+        gap = float(all_reduce_mean((e_neg.mean() - e_pos.mean()).detach(), ctx))
         check_finite(step, loss=float(loss.detach()), gap=gap)
         peak = energies.detach().abs().max()
         if ctx.distributed:  # every rank must stop at the same step, or the others hang
@@ -144,21 +155,34 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
                 f"step {step}: |E| reached {peak:.3g} > max_abs_energy {args.max_abs_energy:g}"
             )
         optimizer.step()
+        if ema is not None:
+            ema.update_parameters(energy)
         step += 1
         progress.update(1)
         progress.set_postfix(
             loss=f"{float(loss.detach()):.3f}", gap=f"{gap:.3f}", sn=f"{float(spectral):.1f}"
         )
         if ctx.is_main and (step % args.eval_every == 0 or step == args.steps):
-            metrics.update(evaluate_energy(model, val_images, args, ctx.device))
+            metrics.update(evaluate_energy(published, val_images, args, ctx.device))
             progress.write(
                 f"step {step}: val E(data) {metrics['val_energy_mean']:.3f} "
                 f"± {metrics['val_energy_std']:.3f}, E(neg) {metrics['neg_energy_mean']:.3f}"
             )
         if ctx.is_main and (step % args.checkpoint_every == 0 or step == args.steps):
-            _save(out, model, optimizer, buffer, step, args, info, metrics, started)
+            _save(out, model, published, optimizer, buffer, ema, step, args, info, metrics, started)
     progress.close()
     return metrics
+
+
+def averaged_energy(energy: EnergyNet, decay: float) -> AveragedModel | None:
+    """An exponential moving average of the energy's parameters, or None for decay 0.
+
+    The average starts at the initial weights (E = 0) and is what gets published; the
+    Langevin negatives keep coming from the last iterate, as in plain CD.
+    """
+    if decay == 0.0:
+        return None
+    return AveragedModel(energy, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
 
 
 def negatives(
@@ -215,8 +239,11 @@ def evaluate_energy(
     return out
 
 
-def _save(out, model, optimizer, buffer, step, args, info: CheckpointInfo, metrics, started):
-    """Write the resumable state first, then the published checkpoint."""
+def _save(
+    out, model, published, optimizer, buffer, ema, step, args, info: CheckpointInfo, metrics, started
+):
+    """Write the resumable state first, then the published checkpoint (``published``:
+    the model whose energy is the moving average when there is one)."""
     state = {
         "energy": model.energy.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -226,6 +253,8 @@ def _save(out, model, optimizer, buffer, step, args, info: CheckpointInfo, metri
     }
     if buffer is not None:
         state["buffer"] = buffer.state_dict()
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     save_state(Path(out) / STATE_NAME, state)
     seconds = time.time() - started
     info.training = {
@@ -233,4 +262,4 @@ def _save(out, model, optimizer, buffer, step, args, info: CheckpointInfo, metri
         "ebm": {**dataclass_dict(args), "completed_steps": step, "seconds": seconds},
     }
     info.metrics = {**info.metrics, "ebm": dict(metrics)}
-    save_checkpoint(out, model, info)
+    save_checkpoint(out, published, info)
