@@ -240,7 +240,17 @@ def evaluate_energy(
 
 
 def _save(
-    out, model, published, optimizer, buffer, ema, step, args, info: CheckpointInfo, metrics, started
+    out,
+    model,
+    published,
+    optimizer,
+    buffer,
+    ema,
+    step,
+    args,
+    info: CheckpointInfo,
+    metrics,
+    started,
 ):
     """Write the resumable state first, then the published checkpoint (``published``:
     the model whose energy is the moving average when there is one)."""
