@@ -39,10 +39,13 @@ class VAEBM(nn.Module):
     def device(self) -> torch.device:
         return self.energy.stem.weight.device
 
-    def prior_noise(self, n: int, generator: torch.Generator | None = None) -> NoiseState:
-        eps_z = self.vae.prior_noise(n, generator)
+    def prior_noise(
+        self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
+    ) -> NoiseState:
+        """Starting points eps ~ N(0, temperature^2 I); temperature 1 is the prior."""
+        eps_z = [temperature * t for t in self.vae.prior_noise(n, generator)]
         eps_x = torch.randn(n, *self.vae.image_shape, device=self.device, generator=generator)
-        return NoiseState(eps_z, eps_x)
+        return NoiseState(eps_z, temperature * eps_x)
 
     def decode(self, noise: NoiseState) -> tuple[torch.Tensor, torch.Tensor]:
         """T(eps): returns (the image sample mu + sigma * eps_x, the decoder mean mu)."""
@@ -120,14 +123,21 @@ class PersistentBuffer:
         self.size = size
 
     def draw(
-        self, n: int, reuse_prob: float, generator: torch.Generator | None = None
+        self,
+        n: int,
+        reuse_prob: float,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """n chains and the slots they came from; fresh ones ~ N(0, temperature^2 I)."""
         device = self.eps_z[0].device
         idx = torch.randint(self.size, (n,), device=device, generator=generator)
         reuse = torch.rand(n, device=device, generator=generator) < reuse_prob
         eps_z = []
         for stored in self.eps_z:
-            fresh = torch.randn(n, *stored.shape[1:], device=device, generator=generator)
+            fresh = temperature * torch.randn(
+                n, *stored.shape[1:], device=device, generator=generator
+            )
             mask = reuse.view(n, *([1] * (stored.dim() - 1)))
             eps_z.append(torch.where(mask, stored[idx], fresh))
         return eps_z, idx

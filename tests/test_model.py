@@ -344,3 +344,21 @@ def test_select_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             select_device("cuda")
+
+
+def test_prior_noise_and_fresh_buffer_chains_scale_with_temperature():
+    model = VAEBM(tiny_vae(), tiny_energy())
+    base = model.prior_noise(3, torch.Generator().manual_seed(4))
+    hot = model.prior_noise(3, torch.Generator().manual_seed(4), temperature=2.5)
+    for a, b in zip(base.tensors(), hot.tensors(), strict=True):
+        torch.testing.assert_close(b, 2.5 * a)
+    buffer = PersistentBuffer(model.vae, 10, torch.Generator().manual_seed(0))
+    cold, _ = buffer.draw(4, reuse_prob=0.0, generator=torch.Generator().manual_seed(5))
+    warm, _ = buffer.draw(
+        4, reuse_prob=0.0, generator=torch.Generator().manual_seed(5), temperature=3.0
+    )
+    for a, b in zip(cold, warm, strict=True):
+        torch.testing.assert_close(b, 3.0 * a)
+    stored, idx = buffer.draw(4, reuse_prob=1.0, temperature=3.0)  # reused chains unscaled
+    for s, d in zip(buffer.eps_z, stored, strict=True):
+        assert torch.equal(d, s[idx])

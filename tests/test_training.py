@@ -376,6 +376,18 @@ def test_ebm_rejects_an_ema_decay_outside_0_1(tmp_path, vae_checkpoint, ctx):
         train_ebm(ebm_args(vae_checkpoint, tmp_path / "x", ema_decay=1.0), ctx)
 
 
+def test_ebm_rejects_a_non_positive_negative_temperature(tmp_path, vae_checkpoint, ctx):
+    with pytest.raises(ValueError, match="negative_temperature"):
+        train_ebm(ebm_args(vae_checkpoint, tmp_path / "x", negative_temperature=0.0), ctx)
+
+
+def test_ebm_trains_with_hotter_negatives(tmp_path, vae_checkpoint, ctx):
+    metrics = train_ebm(ebm_args(vae_checkpoint, tmp_path / "t", negative_temperature=2.0), ctx)
+    assert np.isfinite(metrics["val_energy_mean"])
+    _, info = load_checkpoint(tmp_path / "t")
+    assert info.training["ebm"]["negative_temperature"] == 2.0
+
+
 def test_ebm_publishes_the_moving_average_of_the_energy(tmp_path, vae_checkpoint, ctx):
     """With ema_decay d the published energy is the average of the iterates, not the
     last one: replaying the recorded iterates through the EMA formula reproduces it."""

@@ -70,6 +70,10 @@ class EBMTrainArgs:
     # (this decay per step) instead of the last iterate, which oscillates by hundreds
     # of nats between checkpoints without a magnitude penalty. 0 = the last iterate.
     ema_decay: float = 0.0
+    # Not in the paper: fresh Langevin chains start from N(0, T^2 I) instead of the prior
+    # (T = 1), so the negatives also cover noisier images and odder latents than the VAE's
+    # typical samples, where the energy is otherwise never trained.
+    negative_temperature: float = 1.0
     eval_every: int = 100
     checkpoint_every: int = 100
     eval_images: int = 500
@@ -84,6 +88,8 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
         raise ValueError(f"cd_input must be one of {CD_INPUTS}, got {args.cd_input!r}")
     if not 0.0 <= args.shuffled_negatives <= 1.0:
         raise ValueError(f"shuffled_negatives must be in [0, 1], got {args.shuffled_negatives}")
+    if args.negative_temperature <= 0:
+        raise ValueError(f"negative_temperature must be > 0, got {args.negative_temperature}")
     if not 0.0 <= args.ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {args.ema_decay}")
     torch.manual_seed(args.seed)
@@ -189,11 +195,11 @@ def negatives(
     model: VAEBM, n: int, args: EBMTrainArgs, step: int, buffer: PersistentBuffer | None
 ) -> torch.Tensor:
     """Draw n negatives: Langevin in (eps_z, eps_x) space, then decode (no gradient)."""
-    noise = model.prior_noise(n)
+    noise = model.prior_noise(n, temperature=args.negative_temperature)
     idx = None
     if buffer is not None:
         reuse = args.buffer_reuse * min(1.0, step / max(args.buffer_ramp_steps, 1))
-        noise.eps_z, idx = buffer.draw(n, reuse)
+        noise.eps_z, idx = buffer.draw(n, reuse, temperature=args.negative_temperature)
     noise = model.langevin(noise, steps=args.langevin_steps, step_size=args.step_size)
     if buffer is not None:
         buffer.update(idx, noise.eps_z)
