@@ -388,6 +388,37 @@ def test_ebm_trains_with_hotter_negatives(tmp_path, vae_checkpoint, ctx):
     assert info.training["ebm"]["negative_temperature"] == 2.0
 
 
+def test_gaussian_blur_keeps_constants_and_the_mean_and_smooths_edges():
+    flat = torch.full((2, 1, 28, 28), 0.3)
+    torch.testing.assert_close(train_ebm_module.gaussian_blur(flat, 3.0), flat)
+    edge = torch.zeros(1, 1, 28, 28)
+    edge[..., 14:] = 1.0
+    blurred = train_ebm_module.gaussian_blur(edge, 3.0)
+    assert blurred.shape == edge.shape
+    row = blurred[0, 0, 10]
+    assert (row.diff() >= -1e-6).all() and 0.05 < float(row[13]) < 0.5 < float(row[14]) < 0.95
+
+
+def test_corrupt_images_shuffles_the_first_half_and_blurs_the_rest():
+    images = torch.rand(6, 1, 28, 28) * 2 - 1
+    out = train_ebm_module.corrupt_images(images, blur_sigma=2.0)
+    for original, moved in zip(images[:3], out[:3], strict=True):
+        assert torch.equal(original.flatten().sort().values, moved.flatten().sort().values)
+    torch.testing.assert_close(out[3:], train_ebm_module.gaussian_blur(images[3:], 2.0))
+
+
+def test_ebm_rejects_a_negative_corruption_weight(tmp_path, vae_checkpoint, ctx):
+    with pytest.raises(ValueError, match="corruption_weight"):
+        train_ebm(ebm_args(vae_checkpoint, tmp_path / "x", corruption_weight=-1.0), ctx)
+
+
+def test_ebm_trains_with_corrupted_positives(tmp_path, vae_checkpoint, ctx):
+    metrics = train_ebm(ebm_args(vae_checkpoint, tmp_path / "c", corruption_weight=1.0), ctx)
+    assert np.isfinite(metrics["val_energy_mean"])
+    _, info = load_checkpoint(tmp_path / "c")
+    assert info.training["ebm"]["corruption_weight"] == 1.0
+
+
 def test_ebm_publishes_the_moving_average_of_the_energy(tmp_path, vae_checkpoint, ctx):
     """With ema_decay d the published energy is the average of the iterates, not the
     last one: replaying the recorded iterates through the EMA formula reproduces it."""
