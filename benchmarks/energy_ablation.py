@@ -19,27 +19,13 @@ import shlex
 import sys
 from pathlib import Path
 
+from ood_benchmark import sets_for
+
 from model.checkpoint import atomic_write_json, load_checkpoint
 from training.evaluate import EvaluateArgs, evaluate
 
 REPO = Path(__file__).resolve().parent.parent
-
-# The OOD sets of docs/ood-benchmarks.md, 1000 images each, per in-distribution set.
-OOD_SETS = {
-    "fashion-mnist": {
-        "mnist": "{S}/mnist/t10k-images-idx3-ubyte.gz@5000:6000",
-        "constant": "constant:1000",
-        "sklearn-digits": "sklearn-digits@0:1000",
-        "cifar10-gray": "{S}/cifar10/cifar10_test_jpg.tar.gz@0:1000",
-        "uniform-noise": "noise:1000",
-    },
-    "mnist": {
-        "fashion-mnist": "{S}/fashion-mnist/t10k-images-idx3-ubyte.gz@5000:6000",
-        "constant": "constant:1000",
-        "cifar10-gray": "{S}/cifar10/cifar10_test_jpg.tar.gz@0:1000",
-        "uniform-noise": "noise:1000",
-    },
-}
+MODELS = ("fashion-mnist", "mnist")  # the shipped models the benchmark's sets are for
 
 
 def compare_to_iwae(auroc: dict[str, dict[str, float]], tolerance: float) -> dict[str, str]:
@@ -65,10 +51,10 @@ def main() -> None:
 
     _, info = load_checkpoint(args.run)
     model_name = info.name
-    if model_name not in OOD_SETS:
-        sys.exit(f"{args.run}: model {model_name!r} is not one of {sorted(OOD_SETS)}")
-    test_images = f"{args.shared}/{model_name}/t10k-images-idx3-ubyte.gz@5000:6000"
-    ood = {name: spec.format(S=args.shared) for name, spec in OOD_SETS[model_name].items()}
+    if model_name not in MODELS:
+        sys.exit(f"{args.run}: model {model_name!r} is not one of {MODELS}")
+    # The OOD benchmark's sets, 1000 images each; test images 5000-5999.
+    _, _, test_images, ood = sets_for(model_name, Path(args.shared), n=1000, n_cal=0)
     report = evaluate(
         EvaluateArgs(
             checkpoint=args.run,
