@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from ood_benchmark import sets_for
 
 from model.checkpoint import atomic_write_json, load_checkpoint
 from model.complexity import lossless_bits_per_dim
@@ -39,10 +40,8 @@ def main() -> None:
 
     model, _ = load_checkpoint(args.checkpoint, select_device(args.device))
     shape = ImageShape(*model.vae.image_shape[:2])
-    sets = {
-        "in-distribution": f"{args.shared}/fashion-mnist/t10k-images-idx3-ubyte.gz@5000:10000",
-        "uniform-noise": "noise:5000",
-    }
+    _, _, test_images, ood = sets_for("fashion-mnist", Path(args.shared), n=5000, n_cal=0)
+    sets = {"in-distribution": test_images, "uniform-noise": ood["uniform-noise"]}
     parts = {}
     for name, spec in sets.items():
         images = load_dataset(spec, shape)

@@ -195,8 +195,8 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
 def averaged_energy(energy: EnergyNet, decay: float) -> AveragedModel | None:
     """An exponential moving average of the energy's parameters, or None for decay 0.
 
-    The average starts at the initial weights (E = 0) and is what gets published; the
-    Langevin negatives keep coming from the last iterate, as in plain CD.
+    The first update copies the weights, later ones average; the average is what gets
+    published, while the Langevin negatives keep coming from the last iterate, as in CD.
     """
     if decay == 0.0:
         return None
