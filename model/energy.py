@@ -16,6 +16,8 @@ from torch import nn
 
 from model.layers import LipSwish, ResBlock
 
+ENERGY_HEADS = ("sum", "global")
+
 
 @dataclass(frozen=True)
 class EnergyConfig:
@@ -23,6 +25,14 @@ class EnergyConfig:
     image_size: int = 28
     hidden: int = 32  # channels at full resolution, doubled after each downsampling
     num_downsamples: int = 2
+    # How the final feature map becomes one number. "sum": sum-pool, then linear, so E is
+    # a sum of local terms (the default). "global": an MLP on the whole flattened map, so
+    # E can depend on how parts of the image relate (e.g. whether there is an object).
+    head: str = "sum"
+
+    def __post_init__(self) -> None:
+        if self.head not in ENERGY_HEADS:
+            raise ValueError(f"head must be one of {ENERGY_HEADS}, got {self.head!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,10 +55,18 @@ class EnergyNet(nn.Module):
             ch *= 2
         blocks += [ResBlock(ch, ch, act=LipSwish), LipSwish()]
         self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(ch, 1)
+        if config.head == "sum":
+            self.pool: nn.Module = SumPool()
+            last = nn.Linear(ch, 1)
+            self.head = last
+        else:
+            side = config.image_size // 2**config.num_downsamples
+            self.pool = nn.Flatten()
+            last = nn.Linear(2 * ch, 1)
+            self.head = nn.Sequential(nn.Linear(ch * side * side, 2 * ch), LipSwish(), last)
         # Start from E = 0, so an untrained energy leaves the VAE's density unchanged.
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
         # Power-iteration vectors for the spectral-norm regulariser, one per conv.
         for i, conv in enumerate(self.convs()):
             u = F.normalize(torch.randn(conv.weight.shape[0]), dim=0)
@@ -60,7 +78,7 @@ class EnergyNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Energy of each image: x (B, C, H, W) on [-1, 1] -> (B,), lower = more data-like."""
         h = self.blocks(self.stem(x))  # (B, ch, h, w)
-        return self.head(h.sum(dim=(2, 3))).squeeze(1)  # sum pooling, then a scalar
+        return self.head(self.pool(h)).squeeze(1)
 
     def spectral_norm_sum(self, power_iterations: int = 1) -> torch.Tensor:
         """Sum over conv layers of the largest singular value of the (out, in*k*k) weight.
@@ -80,3 +98,10 @@ class EnergyNet(nn.Module):
                 getattr(self, f"sn_u{i}").copy_(u)
             total = total + u @ w @ v
         return total
+
+
+class SumPool(nn.Module):
+    """(B, C, H, W) -> (B, C): sum over positions (no parameters)."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h.sum(dim=(2, 3))

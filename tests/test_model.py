@@ -98,6 +98,27 @@ def test_untrained_energy_is_exactly_zero():
     assert torch.equal(energy(random_images(4, 1, 28)), torch.zeros(4))
 
 
+def test_global_energy_head_starts_at_zero_and_is_not_a_sum_of_local_terms():
+    x = random_images(2, 1, 28)
+    # Swapping the top and bottom halves keeps every local patch but moves it: a sum of
+    # local terms barely changes (only the seam and borders), an MLP on the whole map does.
+    swapped = torch.cat([x[:, :, 14:], x[:, :, :14]], dim=2)
+    changes = {}
+    for head in ("sum", "global"):
+        torch.manual_seed(0)
+        energy = EnergyNet(EnergyConfig(hidden=4, head=head))
+        assert torch.equal(energy(x), torch.zeros(2))
+        last = energy.head if head == "sum" else energy.head[-1]
+        with torch.no_grad():
+            last.weight.normal_()
+        changes[head] = float(((energy(swapped) - energy(x)).abs() / energy(x).abs()).max())
+    assert changes["sum"] < 0.05 < changes["global"]
+    with pytest.raises(ValueError, match="head"):
+        EnergyConfig(head="mean")
+    old = {k: v for k, v in EnergyConfig().to_dict().items() if k != "head"}
+    assert EnergyConfig.from_dict(old).head == "sum"  # checkpoints from before the option
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

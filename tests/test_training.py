@@ -339,6 +339,7 @@ def test_ebm_divergence_exits_3_and_keeps_the_last_good_checkpoint(tmp_path, vae
         ("ema_decay", 1.0),
         ("negative_temperature", 0.0),
         ("corruption_weight", -1.0),
+        ("energy_head", "mean"),
     ],
 )
 def test_ebm_rejects_an_out_of_range_option(tmp_path, vae_checkpoint, ctx, field, value):
@@ -348,7 +349,12 @@ def test_ebm_rejects_an_out_of_range_option(tmp_path, vae_checkpoint, ctx, field
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("shuffled_negatives", 0.5), ("negative_temperature", 2.0), ("corruption_weight", 1.0)],
+    [
+        ("shuffled_negatives", 0.5),
+        ("negative_temperature", 2.0),
+        ("corruption_weight", 1.0),
+        ("energy_head", "global"),
+    ],
 )
 def test_ebm_trains_with_each_study_option(tmp_path, vae_checkpoint, ctx, field, value):
     metrics = train_ebm(ebm_args(vae_checkpoint, tmp_path / "s", **{field: value}), ctx)

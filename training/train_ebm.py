@@ -20,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from model.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
-from model.energy import EnergyConfig, EnergyNet
+from model.energy import ENERGY_HEADS, EnergyConfig, EnergyNet
 from model.likelihood import to_unit_range
 from model.vaebm import VAEBM, PersistentBuffer
 from training.data import ImageShape, load_dataset, split
@@ -48,6 +48,7 @@ class EBMTrainArgs:
     out: str = ""  # where to write; empty = update the checkpoint in place
     data: str = ""  # data source spec; empty = the one the VAE was trained on
     energy_hidden: int = 16
+    energy_head: str = "sum"  # "sum" of local terms or "global" (an MLP on the whole map)
     steps: int = 500
     batch_size: int = 32
     lr: float = 5e-5
@@ -99,6 +100,8 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
         raise ValueError(f"negative_temperature must be > 0, got {args.negative_temperature}")
     if args.corruption_weight < 0:
         raise ValueError(f"corruption_weight must be >= 0, got {args.corruption_weight}")
+    if args.energy_head not in ENERGY_HEADS:
+        raise ValueError(f"energy_head must be one of {ENERGY_HEADS}, got {args.energy_head!r}")
     if not 0.0 <= args.ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {args.ema_decay}")
     torch.manual_seed(args.seed)
@@ -118,7 +121,9 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
     train_images = torch.from_numpy(train_images)
     val_images = torch.from_numpy(val_images[: args.eval_images])
 
-    energy = EnergyNet(EnergyConfig(shape.channels, shape.size, args.energy_hidden))
+    energy = EnergyNet(
+        EnergyConfig(shape.channels, shape.size, args.energy_hidden, head=args.energy_head)
+    )
     model = VAEBM(vae, energy.to(ctx.device))
     energy.train()
     optimizer = torch.optim.Adam(
