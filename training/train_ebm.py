@@ -183,7 +183,9 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
         step += 1
         progress.update(1)
         progress.set_postfix(
-            loss=f"{float(loss.detach()):.3f}", gap=f"{gap:.3f}", sn=f"{float(spectral):.1f}"
+            loss=f"{float(loss.detach()):.3f}",
+            gap=f"{gap:.3f}",
+            sn=f"{float(spectral.detach()):.1f}",
         )
         if ctx.is_main and (step % args.eval_every == 0 or step == args.steps):
             metrics.update(evaluate_energy(published, val_images, args, ctx.device))
