@@ -15,19 +15,22 @@ images 5000-9999 against every OOD set), IWAE k 8, seed 0:
 
 Writes docs/joint-typicality.json: per model and statistic set, the AUROC on every pair,
 how many in-distribution images score above the least OOD-looking image of each set,
-and the in-distribution image that scores highest.
+and which in-distribution image the default score ranks highest (also saved, enlarged,
+as docs/highest-in-distribution-MODEL.png).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 
 import numpy as np
 from ood_benchmark import sets_for
+from PIL import Image
 from scipy.stats import gaussian_kde
 
-from model.checkpoint import atomic_write_json, load_checkpoint
+from model.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
 from model.complexity import lossless_bits_per_dim
 from model.device import select_device
 from model.metrics import auroc
@@ -45,10 +48,18 @@ STATISTIC_SETS = {
 }
 
 
-def statistics(model, spec: str, shape: ImageShape, iwae_k: int) -> dict[str, np.ndarray]:
-    images = load_dataset(spec, shape)
+def statistics(images: np.ndarray, model, iwae_k: int) -> dict[str, np.ndarray]:
     scores = score_in_batches(model, images, batch_size=64, iwae_k=iwae_k, seed=0)
     return {**scores, "webp_bpd": lossless_bits_per_dim(images, "webp")}
+
+
+def save_enlarged(image: np.ndarray, path: Path, factor: int = 8) -> None:
+    """One uint8 (C, H, W) image as a PNG, enlarged without smoothing so pixels show."""
+    pil = Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
+    pil = pil.resize((pil.width * factor, pil.height * factor), Image.NEAREST)
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def joint_negative_log_density(
@@ -75,7 +86,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     shape = ImageShape(*model.vae.image_shape[:2])
     _, cal_spec, in_spec, ood = sets_for(name, Path(args.shared), args.n, args.n)
     specs = {"calibration": cal_spec, "in": in_spec, **ood}
-    stats = {k: statistics(model, v, shape, args.iwae_k) for k, v in specs.items()}
+    images = {k: load_dataset(v, shape) for k, v in specs.items()}
+    stats = {k: statistics(v, model, args.iwae_k) for k, v in images.items()}
     evaluated = ["in", *ood]
     result = {
         "sets": specs,
@@ -87,8 +99,11 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
         }
         result[label] = {"statistics": list(names), **compare(scores, list(ood))}
     top = result[DEFAULT_SCORE]["highest_in_distribution_image"]
+    figure = args.out.parent / f"highest-in-distribution-{name}.png"
+    save_enlarged(images["in"][top], figure)
     result["default_highest_image"] = {
         "index_in_evaluation_set": top,
+        "figure": figure.name,
         "elbo_bpd": round(float(stats["in"]["elbo_bpd"][top]), 3),
         "webp_bpd": round(float(stats["in"]["webp_bpd"][top]), 3),
     }
