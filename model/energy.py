@@ -3,7 +3,14 @@
 Low energy = looks like the training data. VAEBM multiplies the VAE's density by
 ``exp(-E(x))``, so E only has to learn where the VAE puts mass that data does not.
 Smoothness matters more than capacity here: Langevin dynamics follows grad E, so
-the network uses the Lip-swish activation and a spectral-norm regulariser.
+the network uses the Lip-swish activation and a spectral-norm regulariser (on the
+convolutions; the heads' linear layers are kept small by weight decay only).
+
+Two heads turn the last feature map into E. "sum" (the paper's style, the default)
+sum-pools it, so E is a sum of local terms; "global" (what the shipped checkpoints use)
+runs an MLP on the whole map. A sum of local terms learned to tell data from the VAE's
+samples by local texture and extrapolated badly to images unlike both (flat constants,
+noise); the global head fixed most of that (docs/ood-analysis.md).
 """
 
 from __future__ import annotations
