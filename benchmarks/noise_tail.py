@@ -16,13 +16,12 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from joint_typicality import statistics
 from ood_benchmark import sets_for
 
 from model.checkpoint import atomic_write_json, load_checkpoint
-from model.complexity import lossless_bits_per_dim
 from model.device import select_device
 from model.metrics import auroc
-from model.scores import score_in_batches
 from training.data import ImageShape, load_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,15 +41,11 @@ def main() -> None:
     shape = ImageShape(*model.vae.image_shape[:2])
     _, _, test_images, ood = sets_for("fashion-mnist", Path(args.shared), n=5000, n_cal=0)
     sets = {"in-distribution": test_images, "uniform-noise": ood["uniform-noise"]}
+    reported = ("elbo_bpd", "webp_bpd", "elbo_complexity_webp_bpd")
     parts = {}
     for name, spec in sets.items():
-        images = load_dataset(spec, shape)
-        scores = score_in_batches(model, images, batch_size=32, iwae_k=args.iwae_k, seed=0)
-        parts[name] = {
-            "elbo_bpd": scores["elbo_bpd"],
-            "webp_bpd": lossless_bits_per_dim(images, "webp"),
-            "elbo_complexity_webp_bpd": scores["elbo_complexity_webp_bpd"],
-        }
+        values = statistics(load_dataset(spec, shape), model, args.iwae_k)
+        parts[name] = {k: values[k] for k in reported}
     inside, noise = parts["in-distribution"], parts["uniform-noise"]
     lowest_noise = noise["elbo_complexity_webp_bpd"].min()
     above = inside["elbo_complexity_webp_bpd"] > lowest_noise
