@@ -307,6 +307,17 @@ def test_ebm_resume_after_kill_equals_uninterrupted_run(
     assert full_state["buffer"]["eps_z0"].shape == (16, 2, 7, 7)
 
 
+def test_ebm_resume_with_a_new_learning_rate_uses_it(tmp_path, vae_checkpoint, ctx):
+    """Going on with a lower lr (as after a divergence) must not silently keep the old one."""
+    out = tmp_path / "run"
+    train_ebm(ebm_args(vae_checkpoint, out, steps=3), ctx)
+    assert load_state(out / "train_state_ebm.pt")["optimizer"]["param_groups"][0]["lr"] == 5e-5
+    train_ebm(ebm_args(vae_checkpoint, out, steps=5, lr=1e-5, resume=True), ctx)
+    state = load_state(out / "train_state_ebm.pt")
+    assert state["step"] == 5
+    assert state["optimizer"]["param_groups"][0]["lr"] == 1e-5
+
+
 def test_ebm_divergence_exits_3_and_keeps_the_last_good_checkpoint(tmp_path, vae_checkpoint):
     out = tmp_path / "ebm"
     argv = [

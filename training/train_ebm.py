@@ -51,7 +51,7 @@ class EBMTrainArgs:
     energy_head: str = "sum"  # "sum" of local terms or "global" (an MLP on the whole map)
     steps: int = 500
     batch_size: int = 32
-    lr: float = 5e-5
+    lr: float = 5e-5  # on --resume this replaces the saved lr (Adam's moments are kept)
     beta1: float = 0.99
     weight_decay: float = 3e-5
     alpha_s: float = 0.2  # weight of the spectral-norm regulariser
@@ -136,6 +136,8 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
         state = load_state(out / STATE_NAME)
         energy.load_state_dict(state["energy"])
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # the lr asked for now, e.g. lower to go on
+            group["lr"] = args.lr
         if buffer is not None:
             buffer.load_state_dict(state["buffer"])
         if ema is not None:
