@@ -97,14 +97,17 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     images = {"in": load_dataset(in_spec, shape)}
     images.update({k: load_dataset(v, shape) for k, v in ood_specs.items()})
     scores = {
-        k: score_dataset(model, v, iwae_k=args.iwae_k, seed=args.seed, desc=f"{name}/{k}")
+        k: calibration.with_fitted_scores(
+            score_dataset(model, v, iwae_k=args.iwae_k, seed=args.seed, desc=f"{name}/{k}")
+        )
         for k, v in images.items()
     }
+    names = list(scores["in"])
     train = load_dataset(train_spec, shape)
     peers = peer_scores(train, images, args.seed)
     table: dict[str, dict[str, float]] = {}
     for ood in ood_specs:
-        row = {s: auroc(scores["in"][s], scores[ood][s]) for s in SCORES}
+        row = {s: auroc(scores["in"][s], scores[ood][s]) for s in names}
         row.update({p: auroc(peers["in"][p], peers[ood][p]) for p in PEERS})
         table[ood] = row
     spread = {
@@ -126,7 +129,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
         for s, c in calibration.scores.items()
     }
     fpr_at_threshold = {
-        ood: {s: float(np.mean(scores[ood][s] <= calibration.scores[s].threshold)) for s in SCORES}
+        ood: {s: float(np.mean(scores[ood][s] <= calibration.scores[s].threshold)) for s in names}
         for ood in ood_specs
     }
     return {
@@ -148,8 +151,11 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
 
 def choose_default(results: dict) -> tuple[str, dict[str, float]]:
     """The score with the best worst-pair AUROC over every model and OOD set."""
+    everywhere = [
+        s for s in SCORES if all(s in row for r in results.values() for row in r["auroc"].values())
+    ]
     worst = {
-        s: min(row[s] for r in results.values() for row in r["auroc"].values()) for s in SCORES
+        s: min(row[s] for r in results.values() for row in r["auroc"].values()) for s in everywhere
     }
     return max(worst, key=worst.get), worst
 
@@ -173,7 +179,7 @@ def markdown(results: dict, default: str, worst: dict[str, float], command: str)
         ]
         oods = list(r["auroc"])
         lines += ["| score | " + " | ".join(oods) + " | worst |", "|---" * (len(oods) + 2) + "|"]
-        for s in (*SCORES, *PEERS):
+        for s in (*(s for s in SCORES if s in r["auroc"][oods[0]]), *PEERS):
             vals = [r["auroc"][o][s] for o in oods]
             lines.append(
                 f"| `{s}` | " + " | ".join(f"{v:.4f}" for v in vals) + f" | {min(vals):.4f} |"

@@ -20,6 +20,7 @@ import torch
 
 from model.complexity import lossless_bits_per_dim
 from model.likelihood import to_unit_range
+from model.typicality import TYPICALITY_SCORE
 from model.vaebm import VAEBM
 
 
@@ -29,6 +30,9 @@ class ScoreSpec:
     unit: str
     description: str
     direction: str = "higher = more out-of-distribution"
+    # True for a score fitted on the calibration images (it needs calibration.json's
+    # reference); False for a pure function of the model and the image (compute_scores).
+    fitted: bool = False
 
 
 SCORES: dict[str, ScoreSpec] = {
@@ -75,10 +79,22 @@ SCORES: dict[str, ScoreSpec] = {
             "elbo_bpd - iwae_bpd: how badly the encoder fits the image (an amortisation "
             "gap that grows off the training distribution).",
         ),
+        ScoreSpec(
+            TYPICALITY_SCORE,
+            "nats",
+            "-log density of the image's (elbo_bpd, elbo_complexity_webp_bpd, energy) under a "
+            "Gaussian KDE of the calibration images' (model.typicality): flags images whose "
+            "likelihood, code length and energy do not fit together, in either direction.",
+            fitted=True,
+        ),
     )
 }
 SCORE_NAMES = tuple(SCORES)
+MODEL_SCORE_NAMES = tuple(n for n, s in SCORES.items() if not s.fitted)  # compute_scores' keys
 DEFAULT_SCORE = "elbo_complexity_webp_bpd"  # chosen by benchmarks/ood_benchmark.py, see docs/
+# The benchmark's best score that needs no fitting: the default where a calibration set
+# cannot fit the fitted ones (too few images, or statistics that do not vary).
+UNFITTED_DEFAULT_SCORE = "elbo_complexity_webp_bpd"
 
 
 def image_seeds(images: np.ndarray, seed: int) -> list[int]:
@@ -113,7 +129,7 @@ def posterior_noise(model: VAEBM, images: np.ndarray, k: int, seed: int) -> list
 def compute_scores(
     model: VAEBM, images: np.ndarray, *, iwae_k: int = 16, seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """All scores of SCORES for a batch of images.
+    """All scores of SCORES but the fitted ones (MODEL_SCORE_NAMES) for a batch of images.
 
     Parameters
     ----------
@@ -200,7 +216,7 @@ def score_in_batches(
     """
     if len(images) == 0:
         raise ValueError("images is empty: nothing to score")
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in SCORES}
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in MODEL_SCORE_NAMES}
     start = 0
     for size in chunk_sizes(len(images), batch_size):
         chunk = compute_scores(model, images[start : start + size], iwae_k=iwae_k, seed=seed)

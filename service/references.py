@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.scores import SCORES
 from service.errors import ProblemError
 from service.runtime import ModelRuntime
 from service.settings import CALIBRATION_REFERENCE
@@ -112,7 +111,7 @@ class ReferenceStore:
                 f"reference set {name!r} (spec {spec!r}) cannot be loaded: {exc}; fix "
                 "VAEBM_REFERENCE_SETS",
             ) from exc
-        parts: dict[str, list[np.ndarray]] = {s: [] for s in SCORES}
+        parts: dict[str, list[np.ndarray]] = {s: [] for s in self.runtime.calibration.score_names}
         for start in range(0, len(images), self.chunk):  # chunks let /score interleave
             scores = await self.runtime.run(
                 self.runtime.score_batch, images[start : start + self.chunk]

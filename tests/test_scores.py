@@ -14,6 +14,7 @@ from model.complexity import LOSSLESS_CODECS, lossless_bits_per_dim
 from model.energy import EnergyConfig, EnergyNet
 from model.scores import (
     DEFAULT_SCORE,
+    MODEL_SCORE_NAMES,
     SCORE_NAMES,
     SCORES,
     chunk_sizes,
@@ -60,7 +61,8 @@ def digits() -> np.ndarray:
 
 def test_every_score_is_returned_finite_with_one_value_per_image(model, digits):
     scores = compute_scores(model, digits, iwae_k=4)
-    assert set(scores) == set(SCORES) == set(SCORE_NAMES)
+    assert set(scores) == set(MODEL_SCORE_NAMES) == {n for n, s in SCORES.items() if not s.fitted}
+    assert set(SCORES) == set(SCORE_NAMES) == {*MODEL_SCORE_NAMES, "typicality_nats"}
     assert DEFAULT_SCORE in SCORES
     for name, values in scores.items():
         assert isinstance(values, np.ndarray), name
@@ -104,14 +106,14 @@ def test_an_image_scores_the_same_alone_and_in_any_batch(model, digits):
     shuffled = compute_scores(model, digits[shuffled_order], iwae_k=4, seed=3)
     for i in (0, 5, 11):
         alone = compute_scores(model, digits[i : i + 1], iwae_k=4, seed=3)
-        for name in SCORES:
+        for name in MODEL_SCORE_NAMES:
             assert_same(alone[name], batch[name][i : i + 1], name)
-    for name in SCORES:
+    for name in MODEL_SCORE_NAMES:
         assert_same(shuffled[name], batch[name][shuffled_order], name)
     # Repeating the call gives identical numbers; another seed other posterior draws.
     again = compute_scores(model, digits, iwae_k=4, seed=3)
     other = compute_scores(model, digits, iwae_k=4, seed=4)
-    for name in SCORES:
+    for name in MODEL_SCORE_NAMES:
         np.testing.assert_array_equal(again[name], batch[name])
     assert np.abs(other["iwae_bpd"] - batch["iwae_bpd"]).max() > 1e-3
     np.testing.assert_array_equal(other["energy"], batch["energy"])  # deterministic in x
@@ -120,7 +122,7 @@ def test_an_image_scores_the_same_alone_and_in_any_batch(model, digits):
 def test_duplicate_images_in_a_batch_get_identical_scores(model, digits):
     images = np.concatenate([digits[:3], digits[:3]])
     s = compute_scores(model, images, iwae_k=4)
-    for name in SCORES:
+    for name in MODEL_SCORE_NAMES:
         assert_same(s[name][:3], s[name][3:], name)
     seeds = image_seeds(images, 0)
     assert seeds[:3] == seeds[3:] and len(set(seeds[:3])) == 3
@@ -132,7 +134,7 @@ def test_score_in_batches_matches_one_batch(model, digits):
     done = []
     chunked = score_in_batches(model, digits, batch_size=5, iwae_k=4, progress=done.append)
     assert done == [5, 5, 2]
-    for name in SCORES:
+    for name in MODEL_SCORE_NAMES:
         assert_same(chunked[name], whole[name], name)
 
 
@@ -160,7 +162,7 @@ def test_score_in_batches_uneven_remainder_matches_one_batch(model, digits):
     done = []
     chunked = score_in_batches(model, digits[:11], batch_size=4, iwae_k=2, progress=done.append)
     assert done == [4, 4, 2, 1]
-    for name in SCORES:
+    for name in MODEL_SCORE_NAMES:
         assert_same(chunked[name], whole[name], name)
 
 

@@ -210,7 +210,7 @@ def test_score_decision_on_another_score(tiny_service_client: TestClient) -> Non
         422,
         f"score {TINY_UNCALIBRATED!r} has no calibration; choose one of complexity_bpd, "
         "complexity_webp_bpd, elbo_bpd, elbo_complexity_bpd, elbo_complexity_webp_bpd, "
-        "energy, iwae_bpd, vaebm_bpd",
+        "energy, iwae_bpd, typicality_nats, vaebm_bpd",
         "uncalibrated-score",
     )
 

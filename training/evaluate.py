@@ -17,7 +17,6 @@ from model.calibration_file import CalibrationError, load_calibration
 from model.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
 from model.device import select_device
 from model.metrics import METRIC_DESCRIPTIONS, ood_metrics
-from model.scores import SCORES
 from training.data import ImageShape, load_dataset
 from training.plots import roc_curves, score_histograms
 from training.scoring import cache_key, score_dataset
@@ -60,13 +59,18 @@ def evaluate(args: EvaluateArgs) -> dict:
     try:
         calibration = load_calibration(args.checkpoint, weights_sha256=info.weights_sha256)
         thresholds = {name: c.threshold for name, c in calibration.scores.items()}
+        with_fitted = calibration.with_fitted_scores
     except CalibrationError as exc:
-        log.warning("no usable calibration, error rates at threshold are skipped: %s", exc)
-        thresholds = {}
+        log.warning(
+            "no usable calibration: error rates at threshold and fitted scores "
+            "(typicality_nats) are skipped: %s",
+            exc,
+        )
+        thresholds, with_fitted = {}, dict
 
     def scores_of(label: str, spec: str) -> dict[str, np.ndarray]:
         key = cache_key(sha=info.weights_sha256, data=spec, k=args.iwae_k, seed=args.seed)
-        return score_dataset(
+        scores = score_dataset(
             model,
             load_dataset(spec, shape),
             iwae_k=args.iwae_k,
@@ -76,6 +80,7 @@ def evaluate(args: EvaluateArgs) -> dict:
             key=key,
             desc=label,
         )
+        return with_fitted(scores)
 
     scores_in = scores_of("in", args.in_data)
     results: dict[str, dict] = {}
@@ -85,7 +90,7 @@ def evaluate(args: EvaluateArgs) -> dict:
         all_sets[name] = scores_out
         results[name] = {
             score: ood_metrics(scores_in[score], scores_out[score], threshold=thresholds.get(score))
-            for score in SCORES
+            for score in scores_in
         }
         roc_curves(out / f"roc-{name}.png", scores_in, scores_out, f"{info.name}: in vs {name}")
     score_histograms(out / "histograms.png", all_sets, thresholds)

