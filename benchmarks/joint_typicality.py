@@ -3,8 +3,8 @@
 The default score (``elbo_complexity_webp_bpd``) ranks a few Fashion-MNIST test images
 above uniform noise (see docs/noise-tail.json). This study asks whether flagging any
 *pair* of statistics that is atypical for in-distribution data does better, in the
-spirit of DoSE (Morningstar et al. 2021): fit a Gaussian KDE (scipy, Scott's bandwidth,
-full covariance) on the calibration images' (statistic, statistic) pairs and score an
+spirit of DoSE (Morningstar et al. 2021): fit a Gaussian KDE (``model.typicality``,
+Scott's bandwidth, full covariance) on the calibration images' statistic vectors and score an
 image by the negative log density of its pair (nats; higher = more OOD). That is
 two-sided: an image that is too likely or too simple for its class is flagged too.
 
@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 from ood_benchmark import sets_for
 from PIL import Image
-from scipy.stats import gaussian_kde
 
 from model.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
 from model.complexity import lossless_bits_per_dim
 from model.device import select_device
 from model.metrics import auroc
 from model.scores import DEFAULT_SCORE, score_in_batches
+from model.typicality import TypicalityReference
 from training.data import ImageShape, load_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,8 +67,7 @@ def joint_negative_log_density(
     reference: dict[str, np.ndarray], names: tuple[str, ...], values: dict[str, np.ndarray]
 ) -> np.ndarray:
     """-log KDE density (fitted on ``reference``) of each image's statistics ``names``."""
-    kde = gaussian_kde(np.stack([reference[n] for n in names]))
-    return -kde.logpdf(np.stack([values[n] for n in names]))
+    return TypicalityReference.fit(reference, names).negative_log_density(values)
 
 
 def compare(scores: dict[str, np.ndarray], ood_names: list[str]) -> dict:

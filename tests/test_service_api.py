@@ -197,6 +197,47 @@ def test_scores_do_not_depend_on_the_batch(tiny_service_client: TestClient) -> N
         assert in_batch[name] == pytest.approx(value, rel=1e-5, abs=1e-5), name
 
 
+def test_score_decision_on_the_fitted_typicality(tiny_service_client: TestClient) -> None:
+    """typicality_nats is computed from the other scores and calibration.json's reference."""
+    from model.calibration_file import load_calibration
+
+    response = tiny_service_client.post(
+        "/score",
+        params={"score": "typicality_nats"},
+        files={"file": ("a.png", digit_png(200), "image/png")},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    decision, scores = body["decision"], body["scores"]
+    assert decision["score"] == "typicality_nats" and 0 < decision["p_value"] <= 1
+    checkpoint = tiny_service_client.app.state.settings.checkpoint
+    calibration = load_calibration(checkpoint, weights_sha256=body["model"]["weights_sha256"])
+    expected = calibration.typicality.negative_log_density({k: [v] for k, v in scores.items()})
+    assert decision["value"] == pytest.approx(float(expected[0]), rel=1e-9)
+    assert scores["typicality_nats"] == decision["value"]
+
+
+def test_a_calibration_without_typicality_still_serves(tiny_checkpoint: Path, tmp_path: Path):
+    """calibration.json files written before typicality_nats existed keep working."""
+    import json
+    import shutil
+
+    directory = tmp_path / "old"
+    shutil.copytree(tiny_checkpoint, directory)
+    raw = json.loads((directory / "calibration.json").read_text())
+    del raw["typicality"], raw["scores"]["typicality_nats"]
+    (directory / "calibration.json").write_text(json.dumps(raw))
+    with TestClient(create_app(settings_for(directory))) as client:
+        response = client.post("/score", files={"file": ("a.png", png(), "image/png")})
+        assert response.status_code == 200, response.text
+        assert "typicality_nats" not in response.json()["scores"]
+        files = [("files", ("o.png", png(200), "image/png"))]
+        body = client.post("/evaluate", files=files).json()
+        assert "typicality_nats" not in body["metrics"]
+        scores = {s["name"]: s["calibrated"] for s in client.get("/model").json()["scores"]}
+        assert scores["typicality_nats"] is False and scores["elbo_bpd"] is True
+
+
 def test_score_decision_on_another_score(tiny_service_client: TestClient) -> None:
     response = tiny_service_client.post(
         "/score", params={"score": "elbo_bpd"}, files={"file": ("a.png", png(), "image/png")}
