@@ -91,7 +91,7 @@ SCORES: dict[str, ScoreSpec] = {
 }
 SCORE_NAMES = tuple(SCORES)
 MODEL_SCORE_NAMES = tuple(n for n, s in SCORES.items() if not s.fitted)  # compute_scores' keys
-DEFAULT_SCORE = "elbo_complexity_webp_bpd"  # chosen by benchmarks/ood_benchmark.py, see docs/
+DEFAULT_SCORE = "typicality_nats"  # chosen by benchmarks/ood_benchmark.py, see docs/
 # The benchmark's best score that needs no fitting: the default where a calibration set
 # cannot fit the fitted ones (too few images, or statistics that do not vary).
 UNFITTED_DEFAULT_SCORE = "elbo_complexity_webp_bpd"

@@ -226,6 +226,7 @@ def test_a_calibration_without_typicality_still_serves(tiny_checkpoint: Path, tm
     shutil.copytree(tiny_checkpoint, directory)
     raw = json.loads((directory / "calibration.json").read_text())
     del raw["typicality"], raw["scores"]["typicality_nats"]
+    raw["default_score"] = "elbo_complexity_webp_bpd"  # the default of those files
     (directory / "calibration.json").write_text(json.dumps(raw))
     with TestClient(create_app(settings_for(directory))) as client:
         response = client.post("/score", files={"file": ("a.png", png(), "image/png")})
