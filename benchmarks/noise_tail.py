@@ -1,4 +1,4 @@
-"""Why the default score trails the peers on uniform noise (Fashion-MNIST model).
+"""Why the earlier default score trails the peers on uniform noise (Fashion-MNIST model).
 
 Scores test images 5000-9999 and 5000 uniform-noise images, as the OOD benchmark does,
 and reports the percentiles of ``elbo_bpd``, the WebP length and the default score for
