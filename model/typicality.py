@@ -25,7 +25,6 @@ anything). Higher = more out-of-distribution.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,22 +37,20 @@ TYPICALITY_SCORE = "typicality_nats"
 _MAX_PAIRS_PER_CHUNK = 2_000_000  # query x reference distances held in memory at once
 
 
-@dataclass(frozen=True, eq=False)
 class TypicalityReference:
     """Reference statistic vectors (n, d) of in-distribution images and their KDE.
 
     Build with :meth:`fit`; score with :meth:`negative_log_density`; the reference
-    points' own leave-one-out scores come from :meth:`leave_one_out`.
+    points' own leave-one-out scores come from :meth:`leave_one_out`. Raises
+    ``ValueError`` where no density can be fitted: too few points, non-finite values,
+    or statistics that are constant or linearly dependent.
     """
 
-    statistics: tuple[str, ...]
-    points: np.ndarray  # (n, d) float64, row i = image i's statistics in that order
-
-    def __post_init__(self) -> None:
-        points = np.asarray(self.points, dtype=np.float64)
-        d = len(self.statistics)
-        if d == 0 or len(set(self.statistics)) != d:
-            raise ValueError(f"statistics must be distinct names, got {self.statistics!r}")
+    def __init__(self, statistics: tuple[str, ...], points: Any) -> None:
+        points = np.asarray(points, dtype=np.float64)
+        d = len(statistics)
+        if d == 0 or len(set(statistics)) != d:
+            raise ValueError(f"statistics must be distinct names, got {statistics!r}")
         if points.ndim != 2 or points.shape[1] != d:
             raise ValueError(f"points must have shape (n, {d}), got {points.shape}")
         if len(points) <= d + 1:
@@ -62,22 +59,21 @@ class TypicalityReference:
             )
         if not np.isfinite(points).all():
             raise ValueError("reference statistics must be finite (no NaN or inf)")
-        object.__setattr__(self, "points", points)
+        self.statistics = tuple(statistics)
+        self.points = points  # (n, d), row i = image i's statistics in that order
         bandwidth = self.bandwidth()
         std = np.sqrt(np.diag(bandwidth))
         # Judged on the correlation matrix, which is free of the statistics' units.
         if (std == 0).any() or np.linalg.eigvalsh(bandwidth / np.outer(std, std))[0] < 1e-10:
             raise ValueError(
-                f"the reference statistics {list(self.statistics)} are linearly dependent "
+                f"the reference statistics {list(statistics)} are linearly dependent "
                 "(one is constant or a combination of the others): no density can be fitted"
             )
         cholesky = np.linalg.cholesky(bandwidth)
-        whiten = np.linalg.inv(cholesky)  # maps the kernel's covariance to the identity
-        object.__setattr__(self, "_whiten", whiten)
-        object.__setattr__(self, "_whitened_points", points @ whiten.T)
+        self._whiten = np.linalg.inv(cholesky)  # maps the kernel's covariance to the identity
+        self._whitened_points = points @ self._whiten.T
         # log of the kernel's normalising constant: (2 pi)^(-d/2) |H|^(-1/2)
-        log_norm = -0.5 * d * np.log(2 * np.pi) - np.log(np.diag(cholesky)).sum()
-        object.__setattr__(self, "_log_norm", float(log_norm))
+        self._log_norm = float(-0.5 * d * np.log(2 * np.pi) - np.log(np.diag(cholesky)).sum())
 
     @classmethod
     def fit(
@@ -111,8 +107,8 @@ class TypicalityReference:
         return -self._log_density(self.points, leave_out_self=True)
 
     def _log_density(self, queries: np.ndarray, *, leave_out_self: bool) -> np.ndarray:
-        whitened = queries @ self._whiten.T  # type: ignore[attr-defined]
-        ref = self._whitened_points  # type: ignore[attr-defined]
+        whitened = queries @ self._whiten.T
+        ref = self._whitened_points
         ref_sq = (ref**2).sum(1)
         rows = max(1, _MAX_PAIRS_PER_CHUNK // len(ref))
         out = np.empty(len(queries))
@@ -127,7 +123,7 @@ class TypicalityReference:
             log_sum = top[:, 0] + np.log(np.exp(log_kernel - top).sum(axis=1))
             out[start : start + len(q)] = log_sum
         count = self.n - 1 if leave_out_self else self.n
-        return out - np.log(count) + self._log_norm  # type: ignore[attr-defined]
+        return out - np.log(count) + self._log_norm
 
     def to_dict(self) -> dict[str, Any]:
         return {"statistics": list(self.statistics), "points": self.points.tolist()}
