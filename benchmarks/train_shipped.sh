@@ -21,6 +21,12 @@ for name in fashion-mnist mnist; do
       --batch-size 32 --lr 1e-4 --langevin-steps 10 --step-size 2e-3 --cd-input sample \
       --buffer-size 10000 --buffer-ramp-steps 400 --eval-every 250 --checkpoint-every 50 \
       --eval-images 500 --ema-decay 0.999 --corruption-weight 1
+    if [ "$name" = fashion-mnist ]; then  # 3000 more at a fifth of the rate (it diverged at 1e-4)
+      vaebm train ebm --checkpoint "runs/$name" --resume --energy-head global --steps 9000 \
+        --batch-size 32 --lr 2e-5 --langevin-steps 10 --step-size 2e-3 --cd-input sample \
+        --buffer-size 10000 --buffer-ramp-steps 400 --eval-every 250 --checkpoint-every 50 \
+        --eval-images 500 --ema-decay 0.999 --corruption-weight 1
+    fi
   ) > "runs/$name.log" 2>&1 &
 done
 wait
