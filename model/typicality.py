@@ -95,8 +95,17 @@ class TypicalityReference:
         return covariance * n ** (-2.0 / (d + 4))
 
     def negative_log_density(self, scores: Mapping[str, Any]) -> np.ndarray:
-        """-log KDE density (nats) of each image's statistics; (B,), higher = more OOD."""
-        return -self._log_density(_stack(scores, self.statistics), leave_out_self=False)
+        """-log KDE density (nats) of each image's statistics; (B,), higher = more OOD.
+
+        An image with a non-finite statistic gets NaN, like its other scores, so that
+        one broken image does not fail the batch it was scored with.
+        """
+        queries = _stack(scores, self.statistics, finite=False)
+        finite = np.isfinite(queries).all(axis=1)
+        out = np.full(len(queries), np.nan)
+        if finite.any():
+            out[finite] = -self._log_density(queries[finite], leave_out_self=False)
+        return out
 
     def leave_one_out(self) -> np.ndarray:
         """Each reference point's score under the KDE of the *other* n - 1 points (n,).
@@ -136,8 +145,11 @@ class TypicalityReference:
         return cls(tuple(statistics), np.asarray(d["points"], dtype=np.float64))
 
 
-def _stack(scores: Mapping[str, Any], statistics: tuple[str, ...]) -> np.ndarray:
-    """(B, d) matrix of the named statistics, refusing missing, ragged or non-finite ones."""
+def _stack(
+    scores: Mapping[str, Any], statistics: tuple[str, ...], *, finite: bool = True
+) -> np.ndarray:
+    """(B, d) matrix of the named statistics, refusing missing or ragged ones (and
+    non-finite ones where ``finite``)."""
     missing = [s for s in statistics if s not in scores]
     if missing:
         raise ValueError(f"typicality needs the scores {missing}; got {sorted(scores)}")
@@ -145,6 +157,6 @@ def _stack(scores: Mapping[str, Any], statistics: tuple[str, ...]) -> np.ndarray
     if len({len(c) for c in columns}) != 1:
         raise ValueError("typicality statistics must have one value per image each")
     matrix = np.stack(columns, axis=1)
-    if not np.isfinite(matrix).all():
+    if finite and not np.isfinite(matrix).all():
         raise ValueError("typicality statistics must be finite (no NaN or inf)")
     return matrix

@@ -107,12 +107,14 @@ def test_fit_refuses_what_has_no_density(scores: dict, pattern: str) -> None:
         TypicalityReference.fit(scores, NAMES)
 
 
-def test_scoring_refuses_missing_or_non_finite_statistics() -> None:
+def test_scoring_refuses_missing_statistics_and_gives_nan_for_non_finite_ones() -> None:
     reference = TypicalityReference.fit(correlated(50, seed=10), NAMES)
     with pytest.raises(ValueError, match=r"needs the scores \['c'\]"):
         reference.negative_log_density({"a": [1.0], "b": [1.0]})
-    with pytest.raises(ValueError, match="finite"):
-        reference.negative_log_density({"a": [1.0], "b": [np.inf], "c": [1.0]})
+    queries = {"a": [3.0, 3.0, np.nan], "b": [1.8, np.inf, 1.8], "c": [-4700.0] * 3}
+    scores = reference.negative_log_density(queries)
+    alone = reference.negative_log_density({k: v[:1] for k, v in queries.items()})
+    assert scores[0] == alone[0] and np.isnan(scores[1:]).all()
 
 
 @pytest.mark.parametrize(
