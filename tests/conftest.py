@@ -11,6 +11,21 @@ TINY_TARGET_FPR = 0.1
 TINY_UNCALIBRATED = "iwae_gap_bpd"  # left out of the calibration, to test partial coverage
 
 
+def tiny_vaebm(seed: int):
+    """An untrained tiny VAEBM (8 hidden channels, two 2-channel latent groups) whose
+    weights depend only on ``seed``; its energy is 0 everywhere (zero-initialised head)."""
+    import torch
+
+    from model.energy import EnergyConfig, EnergyNet
+    from model.vae import VAE, VAEConfig
+    from model.vaebm import VAEBM
+
+    torch.manual_seed(seed)
+    return VAEBM(
+        VAE(VAEConfig(hidden=8, latent_channels=(2, 2))), EnergyNet(EnergyConfig(hidden=8))
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint directory of an untrained tiny VAEBM plus a matching calibration.json.
@@ -25,19 +40,13 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from model.calibration import calibrate_score
     from model.calibration_file import Calibration, save_calibration
     from model.checkpoint import CheckpointInfo, save_checkpoint
-    from model.energy import EnergyConfig, EnergyNet
     from model.scores import DEFAULT_SCORE, compute_scores
     from model.typicality import TYPICALITY_SCORE
-    from model.vae import VAE, VAEConfig
-    from model.vaebm import VAEBM
     from training.calibrate import fit_typicality
     from training.data import ImageShape, load_dataset
 
     directory = tmp_path_factory.mktemp("tiny-checkpoint")
-    torch.manual_seed(0)
-    model = VAEBM(
-        VAE(VAEConfig(hidden=8, latent_channels=(2, 2))), EnergyNet(EnergyConfig(hidden=8))
-    ).eval()
+    model = tiny_vaebm(seed=0).eval()
     # An untrained energy is 0 everywhere (zero-initialised last layer); random last-layer
     # weights make it vary, so that typicality_nats, which needs every statistic to
     # vary, can be fitted.

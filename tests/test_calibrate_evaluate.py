@@ -12,11 +12,9 @@ import torch
 
 from model.calibration_file import load_calibration
 from model.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
-from model.energy import EnergyConfig, EnergyNet
 from model.scores import DEFAULT_SCORE, SCORE_NAMES, UNFITTED_DEFAULT_SCORE
 from model.typicality import TYPICALITY_SCORE
-from model.vae import VAE, VAEConfig
-from model.vaebm import VAEBM
+from tests.conftest import tiny_vaebm
 from training.calibrate import CalibrateArgs, calibrate
 from training.evaluate import EvaluateArgs, evaluate
 
@@ -65,10 +63,7 @@ def test_calibrate_fits_typicality_with_leave_one_out_reference(tiny_checkpoint,
 
 def zero_energy_checkpoint(tmp_path: Path) -> Path:
     """An untrained model: its energy is 0 for every image, so typicality has no density."""
-    torch.manual_seed(0)
-    model = VAEBM(
-        VAE(VAEConfig(hidden=8, latent_channels=(2, 2))), EnergyNet(EnergyConfig(hidden=8))
-    )
+    model = tiny_vaebm(seed=0)
     directory = tmp_path / "zero-energy"
     save_checkpoint(directory, model.eval(), CheckpointInfo(name="zero"))
     return directory

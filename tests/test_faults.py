@@ -36,6 +36,7 @@ from service.main import EXIT_STARTUP_FAILED
 from service.runtime import StartupError
 from service.settings import Settings
 from tests.bad_inputs import MULTIPART, multipart, plain_png
+from tests.conftest import tiny_vaebm
 from tests.test_security import exchange
 from tests.test_service_startup import free_port, wait_ready
 
@@ -158,19 +159,12 @@ def test_calibration_left_over_from_other_weights_refuses_to_start(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     """A new training run saved into the directory; the old calibration.json stayed."""
-    import torch
 
     from model.checkpoint import CheckpointInfo, save_checkpoint
-    from model.energy import EnergyConfig, EnergyNet
-    from model.vae import VAE, VAEConfig
-    from model.vaebm import VAEBM
 
     checkpoint = copy_checkpoint(tiny_checkpoint, tmp_path)
     old_calibration = (checkpoint / "calibration.json").read_bytes()
-    torch.manual_seed(123)
-    retrained = VAEBM(
-        VAE(VAEConfig(hidden=8, latent_channels=(2, 2))), EnergyNet(EnergyConfig(hidden=8))
-    )
+    retrained = tiny_vaebm(seed=123)
     digest = save_checkpoint(checkpoint, retrained, CheckpointInfo(name="tiny"))
     assert (checkpoint / "calibration.json").read_bytes() == old_calibration
     message = start_fails(checkpoint)
@@ -253,12 +247,8 @@ def test_service_serves_the_previous_checkpoint_after_a_failed_save(
 ) -> None:
     """The disk fills while a new checkpoint is written over a served one: the service
     still starts, on the old weights, with the old calibration."""
-    import torch
 
     from model.checkpoint import CheckpointInfo, save_checkpoint
-    from model.energy import EnergyConfig, EnergyNet
-    from model.vae import VAE, VAEConfig
-    from model.vaebm import VAEBM
 
     checkpoint = copy_checkpoint(tiny_checkpoint, tmp_path)
     before = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
@@ -272,8 +262,7 @@ def test_service_serves_the_previous_checkpoint_after_a_failed_save(
             raise OSError(28, "No space left on device (simulated)")
         real_replace(src, dst)
 
-    torch.manual_seed(7)
-    new = VAEBM(VAE(VAEConfig(hidden=8, latent_channels=(2, 2))), EnergyNet(EnergyConfig(hidden=8)))
+    new = tiny_vaebm(seed=7)
     monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError, match="simulated"):
         save_checkpoint(checkpoint, new, CheckpointInfo(name="new"))
