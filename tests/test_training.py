@@ -350,6 +350,8 @@ def test_ebm_divergence_exits_3_and_keeps_the_last_good_checkpoint(tmp_path, vae
         ("ema_decay", 1.0),
         ("negative_temperature", 0.0),
         ("corruption_weight", -1.0),
+        ("corruption_blur_min", 0.0),
+        ("corruption_blur_max", 1.0),
         ("energy_head", "mean"),
     ],
 )
@@ -364,6 +366,7 @@ def test_ebm_rejects_an_out_of_range_option(tmp_path, vae_checkpoint, ctx, field
         ("shuffled_negatives", 0.5),
         ("negative_temperature", 2.0),
         ("corruption_weight", 1.0),
+        ("corruption_blur_max", 8.0),
         ("energy_head", "global"),
     ],
 )
@@ -410,10 +413,37 @@ def test_gaussian_blur_keeps_constants_and_the_mean_and_smooths_edges():
 
 def test_corrupt_images_shuffles_the_first_half_and_blurs_the_rest():
     images = torch.rand(6, 1, 28, 28) * 2 - 1
-    out = train_ebm_module.corrupt_images(images, blur_sigma=2.0)
+    out = train_ebm_module.corrupt_images(images, blur_range=(2.0, 2.0))
     for original, moved in zip(images[:3], out[:3], strict=True):
         assert torch.equal(original.flatten().sort().values, moved.flatten().sort().values)
     torch.testing.assert_close(out[3:], train_ebm_module.gaussian_blur(images[3:], 2.0))
+
+
+def test_gaussian_blur_with_one_sigma_per_image_blurs_each_by_its_own():
+    torch.manual_seed(0)
+    images = torch.rand(3, 2, 28, 28)
+    blur = train_ebm_module.gaussian_blur
+    sigmas = torch.tensor([0.7, 2.0, 5.0])
+    together = blur(images, sigmas)
+    # The widest blur sets the shared radius, so that image is exactly as blurred alone.
+    torch.testing.assert_close(together[2:], blur(images[2:], 5.0))
+    # Each image gets its own sigma: reordering the batch reorders the result.
+    order = torch.tensor([2, 0, 1])
+    torch.testing.assert_close(blur(images[order], sigmas[order]), together[order])
+    # One sigma for all, as a tensor or a number, is the same blur.
+    torch.testing.assert_close(blur(images, torch.full((3,), 2.0)), blur(images, 2.0))
+    # Stronger blur, less detail left: the pixel spread falls with sigma.
+    spread = together.flatten(1).std(1)
+    assert spread[0] > spread[1] > spread[2]
+
+
+def test_wide_blur_range_reaches_nearly_flat_images_without_leaving_the_mean():
+    torch.manual_seed(1)
+    images = torch.rand(64, 1, 28, 28) * 2 - 1
+    out = train_ebm_module.corrupt_images(images, blur_range=(1.0, 13.0))[32:]
+    spread = out.flatten(1).std(1)
+    assert float(spread.min()) < 0.02 < 0.1 < float(spread.max())  # scales span the range
+    torch.testing.assert_close(out.mean((1, 2, 3)), images[32:].mean((1, 2, 3)), atol=0.05, rtol=0)
 
 
 def test_ebm_publishes_the_moving_average_of_the_energy(tmp_path, vae_checkpoint, ctx):

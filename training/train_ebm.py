@@ -8,6 +8,7 @@ the prior N(0, I) (or from a persistent buffer of eps_z chains).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,11 @@ class EBMTrainArgs:
     # rank a corrupted image above its original but, unlike a CD term, stops rewarding
     # the gap once it is a few nats wide, so it cannot run away as shuffled_negatives did.
     corruption_weight: float = 0.0
+    # The blurred half's sigma in pixels, drawn per image log-uniformly from this range
+    # (equal ends: one fixed blur, as the shipped energies were trained). A wide range
+    # removes detail at every scale, up to an image that is nearly its own mean level.
+    corruption_blur_min: float = 3.0
+    corruption_blur_max: float = 3.0
     # Not in the paper: fresh Langevin chains start from N(0, T^2 I) instead of the prior
     # (T = 1), so the negatives also cover noisier images and odder latents than the VAE's
     # typical samples, where the energy is otherwise never trained.
@@ -100,6 +106,11 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
         raise ValueError(f"negative_temperature must be > 0, got {args.negative_temperature}")
     if args.corruption_weight < 0:
         raise ValueError(f"corruption_weight must be >= 0, got {args.corruption_weight}")
+    if not 0 < args.corruption_blur_min <= args.corruption_blur_max:
+        raise ValueError(
+            "corruption_blur_min must be > 0 and <= corruption_blur_max, got "
+            f"{args.corruption_blur_min} and {args.corruption_blur_max}"
+        )
     if args.energy_head not in ENERGY_HEADS:
         raise ValueError(f"energy_head must be one of {ENERGY_HEADS}, got {args.energy_head!r}")
     if not 0.0 <= args.ema_decay < 1.0:
@@ -151,6 +162,7 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
     started = time.time() - seconds_before
     progress = tqdm(total=args.steps, initial=step, desc="ebm", disable=not ctx.is_main)
     metrics: dict = {}
+    blur_range = (args.corruption_blur_min, args.corruption_blur_max)
     while step < args.steps:
         idx = batch_indices(len(train_images), args.batch_size, step, args.seed, ctx)
         x_pos = to_unit_range(train_images[idx].to(ctx.device))
@@ -159,7 +171,9 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
             x_pos = torch.where(flip.view(-1, 1, 1, 1), x_pos.flip(3), x_pos)
         x_neg = negatives(model, len(x_pos), args, step, buffer)
         x_neg = with_shuffled_negatives(x_neg, x_pos, args.shuffled_negatives)
-        batch = [x_pos, x_neg] + ([corrupt_images(x_pos)] if args.corruption_weight else [])
+        batch = [x_pos, x_neg]
+        if args.corruption_weight:
+            batch.append(corrupt_images(x_pos, blur_range))
         energies = net(torch.cat(batch))  # (2B,) or (3B,)
         e_pos, e_neg, *e_corrupted = energies.split(len(x_pos))
         spectral = energy.spectral_norm_sum()
@@ -238,23 +252,34 @@ def shuffle_pixels(images: torch.Tensor) -> torch.Tensor:
     return flat.gather(2, order.unsqueeze(1).expand(b, c, h * w)).reshape(b, c, h, w)
 
 
-def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Each channel of (B, C, H, W) blurred by a Gaussian of ``sigma`` pixels (reflected
-    borders, kernel radius 2 sigma)."""
-    radius = max(1, round(2 * sigma))
+def gaussian_blur(images: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    """Each channel of (B, C, H, W) blurred by a Gaussian of ``sigma`` pixels, one value
+    or one per image (reflected borders; kernel radius 2 sigma of the largest, capped at
+    the image's size less one, which reflection needs)."""
+    b, c, h, w = images.shape
+    sigma = torch.as_tensor(sigma, dtype=images.dtype, device=images.device).expand(b)
+    radius = max(1, min(round(2 * float(sigma.max())), h - 1, w - 1))
     offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    c = images.shape[1]
-    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
-    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(rows, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    kernel = torch.exp(-0.5 * (offsets / sigma[:, None]) ** 2)  # (B, K)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, dim=0)  # (B C, K)
+    # Every (image, channel) plane is its own group, so each gets its own kernel.
+    planes = F.pad(images.reshape(1, b * c, h, w), (radius,) * 4, mode="reflect")
+    rows = F.conv2d(planes, kernel.view(b * c, 1, 1, -1), groups=b * c)
+    return F.conv2d(rows, kernel.view(b * c, 1, -1, 1), groups=b * c).reshape(b, c, h, w)
 
 
-def corrupt_images(images: torch.Tensor, blur_sigma: float = 3.0) -> torch.Tensor:
-    """The first half of the batch pixel-shuffled, the rest blurred (sigma in pixels)."""
+def corrupt_images(
+    images: torch.Tensor, blur_range: tuple[float, float] = (3.0, 3.0)
+) -> torch.Tensor:
+    """The first half of the batch pixel-shuffled, the rest blurred, each image by a
+    sigma (pixels) drawn log-uniformly from ``blur_range``."""
     half = len(images) // 2
-    return torch.cat([shuffle_pixels(images[:half]), gaussian_blur(images[half:], blur_sigma)])
+    low, high = blur_range
+    sigma: float | torch.Tensor = low  # one fixed blur draws nothing: runs stay reproducible
+    if high > low:
+        u = torch.rand(len(images) - half, device=images.device)
+        sigma = torch.exp(math.log(low) + (math.log(high) - math.log(low)) * u)
+    return torch.cat([shuffle_pixels(images[:half]), gaussian_blur(images[half:], sigma)])
 
 
 def with_shuffled_negatives(x_neg: torch.Tensor, x_pos: torch.Tensor, share: float) -> torch.Tensor:
