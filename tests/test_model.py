@@ -111,7 +111,7 @@ def test_global_energy_head_starts_at_zero_and_is_not_a_sum_of_local_terms():
         last = energy.head if head == "sum" else energy.head[-1]
         with torch.no_grad():
             last.weight.normal_()
-        changes[head] = float(((energy(swapped) - energy(x)).abs() / energy(x).abs()).max())
+            changes[head] = float(((energy(swapped) - energy(x)).abs() / energy(x).abs()).max())
     assert changes["sum"] < 0.05 < changes["global"]
     with pytest.raises(ValueError, match="head"):
         EnergyConfig(head="mean")
