@@ -4,7 +4,9 @@ Scores the energy study's 1000 in-distribution test images (5000-5999) and its 1
 constant images (levels spread evenly over 0..255), then, per tenth of the intensity
 range, reports the mean energy and -log p_vae (nats) of its constants and the share of
 (in-distribution, constant) pairs each score ranks the wrong way round (the constant no
-more OOD than the test image). The AUROC's shortfall is the mean of those shares:
+more OOD than the test image). The AUROC's shortfall is the mean of those shares. It
+also reports where the training images' own mean levels lie: a strong blur, one of the
+corruptions ``vaebm train ebm`` can push up, flattens an image towards that level.
 
     python benchmarks/constant_levels.py --run checkpoints/fashion-mnist --name shipped
 
@@ -53,7 +55,7 @@ def main() -> None:
 
     model, info = load_checkpoint(args.run, select_device(args.device))
     shape = ImageShape(*model.vae.image_shape[:2])
-    _, _, test_spec, ood = sets_for("fashion-mnist", Path(args.shared), n=1000, n_cal=0)
+    train_spec, _, test_spec, ood = sets_for("fashion-mnist", Path(args.shared), n=1000, n_cal=0)
     images = {
         "in": load_dataset(test_spec, shape),
         "constant": load_dataset(ood["constant"], shape),
@@ -85,6 +87,11 @@ def main() -> None:
             "energy": percentiles(inside["energy"]),
             "nll_nats": percentiles(inside["iwae_bpd"] * nats),
         },
+        "training_image_mean_level_percentiles_1_50_99_100": np.percentile(
+            load_dataset(train_spec, shape).mean(axis=(1, 2, 3)), [1, 50, 99, 100]
+        )
+        .round(1)
+        .tolist(),
         "by_level": rows,
         "command": f"python benchmarks/constant_levels.py --run {args.run} --name {args.name}",
     }
@@ -92,6 +99,10 @@ def main() -> None:
     entries[args.name] = entry
     atomic_write_json(args.out, entries)
     print("in-distribution 5/50/95%:", entry["in_distribution_percentiles_5_50_95"])
+    print(
+        "training images' mean level 1/50/99/100%:",
+        entry["training_image_mean_level_percentiles_1_50_99_100"],
+    )
     print("levels    energy  nll_nats  wrong-way: iwae   vaebm")
     for r in rows:
         lo, hi = r["levels"]
