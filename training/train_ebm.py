@@ -80,8 +80,8 @@ class EBMTrainArgs:
     # the gap once it is a few nats wide, so it cannot run away as shuffled_negatives did.
     corruption_weight: float = 0.0
     # The blurred half's sigma in pixels, drawn per image log-uniformly from this range
-    # (equal ends: one fixed blur, as the shipped energies were trained). A wide range
-    # removes detail at every scale, up to an image that is nearly its own mean level.
+    # (equal ends, the default: one fixed blur). A wide range removes detail at every
+    # scale, up to an image that is nearly flat at its own mean level.
     corruption_blur_min: float = 3.0
     corruption_blur_max: float = 3.0
     # Not in the paper: fresh Langevin chains start from N(0, T^2 I) instead of the prior
