@@ -4,9 +4,10 @@ Scores the energy study's 1000 in-distribution test images (5000-5999) and its 1
 constant images (levels spread evenly over 0..255), then, per tenth of the intensity
 range, reports the mean energy and -log p_vae (nats) of its constants and the share of
 (in-distribution, constant) pairs each score ranks the wrong way round (the constant no
-more OOD than the test image). The AUROC's shortfall is the mean of those shares. It
-also reports where the training images' own mean levels lie: a strong blur, one of the
-corruptions ``vaebm train ebm`` can push up, flattens an image towards that level.
+more OOD than the test image). The AUROC's shortfall is the count-weighted mean of those
+shares. It also reports where the training images' own mean levels lie: a strong blur,
+one of the corruptions ``vaebm train ebm`` can push up, flattens an image towards that
+level.
 
     python benchmarks/constant_levels.py --run checkpoints/fashion-mnist --name shipped
 
@@ -24,6 +25,7 @@ from ood_benchmark import sets_for
 
 from model.checkpoint import atomic_write_json, load_checkpoint
 from model.device import select_device
+from model.metrics import auroc
 from model.scores import compute_scores
 from training.data import ImageShape, load_dataset
 
@@ -33,10 +35,9 @@ COMPARED = ("iwae_bpd", "vaebm_bpd")
 
 
 def wrong_way_share(inside: np.ndarray, outside: np.ndarray) -> float:
-    """Share of (inside, outside) pairs where the outside score is not higher (ties half)."""
-    below = (outside[:, None] < inside[None, :]).mean()
-    ties = (outside[:, None] == inside[None, :]).mean()
-    return float(below + ties / 2)
+    """Share of (inside, outside) pairs where the outside score is not higher, ties
+    counted half: one minus the AUROC of these two sets."""
+    return 1.0 - auroc(inside, outside)
 
 
 def percentiles(values: np.ndarray) -> list[float]:
