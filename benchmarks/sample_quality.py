@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import linalg
+from timing import wall_seconds
 from torch import nn
 from tqdm import tqdm
 
@@ -109,12 +109,7 @@ def save_grid(path: Path, images: np.ndarray) -> None:
 
 def timed(fn, repeats: int = 3) -> float:
     """Median wall time of ``fn()`` over a few repeats, seconds."""
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return float(np.median(times))
+    return float(np.median(wall_seconds(fn, repeats)))
 
 
 def run_model(name: str, args, device) -> dict:

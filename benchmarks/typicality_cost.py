@@ -13,10 +13,10 @@ Writes docs/typicality-cost.json.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
+from timing import wall_seconds
 
 from model.calibration_file import load_calibration
 from model.checkpoint import atomic_write_json, load_checkpoint
@@ -27,12 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def best_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
+    return min(wall_seconds(fn, repeats))
 
 
 def main() -> None:
