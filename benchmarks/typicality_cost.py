@@ -1,9 +1,9 @@
-"""What the fitted typicality score adds to the cost of scoring, as a ratio to the model.
+"""What the fitted typicality scores add to the cost of scoring, as a ratio to the model.
 
-``typicality_nats`` is a kernel density over the calibration images' statistics, computed
-after the model's scores; this measures both on the same images in one process (one
-torch thread, best of ``--repeats``), so the ratio is what the default decision score
-adds to a request:
+``typicality_nats`` and its kin are kernel densities over the calibration images'
+statistics, computed after the model's scores; this measures the model's scores and all
+fitted ones on the same images in one process (one torch thread, best of ``--repeats``),
+so the ratio bounds what the default decision score adds to a request:
 
     python benchmarks/typicality_cost.py
 
@@ -41,7 +41,7 @@ def main() -> None:
     torch.set_num_threads(1)
     model, info = load_checkpoint(args.checkpoint)
     calibration = load_calibration(args.checkpoint, weights_sha256=info.weights_sha256)
-    if calibration.typicality is None:
+    if not calibration.typicality:
         raise SystemExit(f"{args.checkpoint}'s calibration has no typicality reference")
     images = load_dataset(args.data, ImageShape(*model.vae.image_shape[:2]))
     rows = []
@@ -66,7 +66,7 @@ def main() -> None:
         {
             "command": "python benchmarks/typicality_cost.py",
             "checkpoint": info.name,
-            "reference_images": calibration.typicality.n,
+            "reference_images": {n: r.n for n, r in calibration.typicality.items()},
             "iwae_k": args.iwae_k,
             "results": rows,
         },

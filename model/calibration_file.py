@@ -1,8 +1,9 @@
 """calibration.json: per-score thresholds and p-value tables, tied to one set of weights.
 
-It also holds the reference statistics of the fitted scores (``typicality_nats``: the
-calibration images' statistic vectors), so that a fitted score is computed the same
-way wherever the calibration is loaded.
+It also holds the reference statistics of the fitted scores (``typicality_nats`` and
+its kin in ``model.typicality.TYPICALITY_SCORES``: the calibration images' statistic
+vectors), so that a fitted score is computed the same way wherever the calibration is
+loaded.
 
 A calibration only holds for the weights it was computed with, so the file records
 their sha256 and loading refuses a file whose hash differs from the checkpoint's.
@@ -21,7 +22,7 @@ import numpy as np
 from model.calibration import ScoreCalibration
 from model.checkpoint import atomic_write_json
 from model.scores import SCORES
-from model.typicality import TYPICALITY_SCORE, TypicalityReference
+from model.typicality import TYPICALITY_SCORE, TYPICALITY_SCORES, TypicalityReference
 
 CALIBRATION_NAME = "calibration.json"
 MAX_IWAE_K = 1024  # more samples per image than any request should ever cost
@@ -41,19 +42,19 @@ class Calibration:
     iwae_k: int = 16
     seed: int = 0
     data: dict[str, Any] = field(default_factory=dict)  # where the images came from
-    typicality: TypicalityReference | None = None  # reference of typicality_nats, if fitted
+    # fitted score name -> its reference; only the scores these images could fit
+    typicality: dict[str, TypicalityReference] = field(default_factory=dict)
 
     @property
     def score_names(self) -> tuple[str, ...]:
         """Every score this calibration can produce: the model's, plus the fitted ones
-        it has a reference for (calibrations older than typicality_nats lack it)."""
-        return tuple(n for n, s in SCORES.items() if not s.fitted or self.typicality is not None)
+        it has a reference for (calibrations older than a fitted score lack it)."""
+        return tuple(n for n, s in SCORES.items() if not s.fitted or n in self.typicality)
 
     def with_fitted_scores(self, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``scores`` (from ``compute_scores``) plus the fitted scores of this calibration."""
-        if self.typicality is None:
-            return scores
-        return {**scores, TYPICALITY_SCORE: self.typicality.negative_log_density(scores)}
+        fitted = {name: ref.negative_log_density(scores) for name, ref in self.typicality.items()}
+        return {**scores, **fitted}
 
     def decide(self, name: str, values: np.ndarray) -> dict[str, np.ndarray]:
         """Threshold decision and conformal p-values of one score for a batch."""
@@ -70,7 +71,11 @@ class Calibration:
             "seed": self.seed,
             "data": self.data,
             "scores": {name: cal.to_dict() for name, cal in self.scores.items()},
-            **({"typicality": self.typicality.to_dict()} if self.typicality else {}),
+            **(
+                {"typicality": {name: ref.to_dict() for name, ref in self.typicality.items()}}
+                if self.typicality
+                else {}
+            ),
         }
 
     @classmethod
@@ -79,10 +84,10 @@ class Calibration:
         unknown = sorted(set(scores) - set(SCORES))
         if unknown:
             raise ValueError(f"unknown score names {unknown}; known: {sorted(SCORES)}")
-        typicality = d.get("typicality")
-        typicality = None if typicality is None else TypicalityReference.from_dict(typicality)
-        if TYPICALITY_SCORE in scores and typicality is None:
-            raise ValueError(f"{TYPICALITY_SCORE} is calibrated but its reference is missing")
+        typicality = _typicality_from_dict(d.get("typicality", {}))
+        missing = [n for n in scores if SCORES[n].fitted and n not in typicality]
+        if missing:
+            raise ValueError(f"{missing} are calibrated but their references are missing")
         if d["default_score"] not in scores:
             raise ValueError(f"default_score {d['default_score']!r} has no calibration")
         iwae_k, seed, target_fpr = d.get("iwae_k", 16), d.get("seed", 0), d["target_fpr"]
@@ -104,6 +109,19 @@ class Calibration:
             data=dict(d.get("data", {})),
             typicality=typicality,
         )
+
+
+def _typicality_from_dict(d: Any) -> dict[str, TypicalityReference]:
+    """The fitted scores' references; files written when typicality_nats was the only
+    fitted score hold its reference alone, not keyed by name."""
+    if not isinstance(d, dict):
+        raise ValueError(f"typicality must be an object, got {type(d).__name__}")
+    if "statistics" in d:
+        d = {TYPICALITY_SCORE: d}
+    unknown = sorted(set(d) - set(TYPICALITY_SCORES))
+    if unknown:
+        raise ValueError(f"unknown fitted scores {unknown}; known: {sorted(TYPICALITY_SCORES)}")
+    return {name: TypicalityReference.from_dict(ref) for name, ref in d.items()}
 
 
 def _is_int(x: Any) -> bool:

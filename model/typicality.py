@@ -29,11 +29,18 @@ from typing import Any
 
 import numpy as np
 
-# The statistics (all scores of model.scores) whose joint density is modelled: the
-# ELBO, the ELBO minus the WebP code length (together an affine map of likelihood and
-# code length, which a full-covariance KDE ranks identically) and the energy.
-TYPICALITY_STATISTICS = ("elbo_bpd", "elbo_complexity_webp_bpd", "energy")
+# The fitted scores, each with the statistics (scores of model.scores) whose joint
+# density it models. typicality_nats: the ELBO, the ELBO minus the WebP code length
+# (together an affine map of likelihood and code length, which a full-covariance KDE
+# ranks identically) and the energy. vaebm_typicality_nats: the same idea on the VAEBM
+# density, (vaebm_bpd, vaebm_bpd minus the WebP code length), so the energy enters
+# through the paper's score instead of as a statistic of its own.
 TYPICALITY_SCORE = "typicality_nats"
+TYPICALITY_SCORES: dict[str, tuple[str, ...]] = {
+    TYPICALITY_SCORE: ("elbo_bpd", "elbo_complexity_webp_bpd", "energy"),
+    "vaebm_typicality_nats": ("vaebm_bpd", "complexity_webp_bpd"),
+}
+TYPICALITY_STATISTICS = TYPICALITY_SCORES[TYPICALITY_SCORE]
 _MAX_PAIRS_PER_CHUNK = 2_000_000  # query x reference distances held in memory at once
 
 

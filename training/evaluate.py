@@ -63,7 +63,7 @@ def evaluate(args: EvaluateArgs) -> dict:
     except CalibrationError as exc:
         log.warning(
             "no usable calibration: error rates at threshold and fitted scores "
-            "(typicality_nats) are skipped: %s",
+            "(typicality_nats and its kin) are skipped: %s",
             exc,
         )
         thresholds, with_fitted = {}, dict
