@@ -121,7 +121,14 @@ def _typicality_from_dict(d: Any) -> dict[str, TypicalityReference]:
     unknown = sorted(set(d) - set(TYPICALITY_SCORES))
     if unknown:
         raise ValueError(f"unknown fitted scores {unknown}; known: {sorted(TYPICALITY_SCORES)}")
-    return {name: TypicalityReference.from_dict(ref) for name, ref in d.items()}
+    references = {name: TypicalityReference.from_dict(ref) for name, ref in d.items()}
+    for name, ref in references.items():
+        if ref.statistics != TYPICALITY_SCORES[name]:
+            raise ValueError(
+                f"{name} models {list(TYPICALITY_SCORES[name])}, but its reference holds "
+                f"{list(ref.statistics)}"
+            )
+    return references
 
 
 def _is_int(x: Any) -> bool:

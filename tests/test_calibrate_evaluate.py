@@ -167,6 +167,10 @@ def test_a_calibration_from_before_the_second_fitted_score_loads(tiny_checkpoint
             "unknown fitted",
         ),
         (lambda raw: raw.update(typicality=[1, 2]), "typicality must be an object"),
+        (
+            lambda raw: raw["typicality"]["vaebm_typicality_nats"]["statistics"].reverse(),
+            r"vaebm_typicality_nats models \['vaebm_bpd', 'complexity_webp_bpd'\], but",
+        ),
     ],
 )
 def test_a_calibration_with_broken_fitted_references_is_refused(
