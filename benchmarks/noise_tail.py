@@ -1,11 +1,12 @@
-"""Why the default scores trail the peers on uniform noise (Fashion-MNIST model).
+"""Which test images outrank uniform noise, score by score (Fashion-MNIST model).
 
 Scores test images 5000-9999 and 5000 uniform-noise images, as the OOD benchmark does,
 and reports the percentiles of ``elbo_bpd``, the WebP length and the earlier default
 (``elbo_complexity_webp_bpd``) for both, the in-distribution images that outscore the
 least OOD-looking noise image, and the AUROC with the code length capped at the raw
-8 bits/dim; then the same for the default ``typicality_nats`` of the checkpoint's
-calibration, naming the test images that outscore some noise image:
+8 bits/dim; then, for the two fitted typicality scores of the checkpoint's calibration,
+``vaebm_bpd`` and ``iwae_bpd``, the AUROC and the test images that outscore some noise
+image:
 
     python benchmarks/noise_tail.py --shared ../shared/datasets
 
@@ -31,17 +32,20 @@ REPO = Path(__file__).resolve().parent.parent
 PERCENTILES = [0, 1, 5, 50, 95, 99, 100]
 
 
-def typicality_tail(values: dict[str, np.ndarray], first_test_index: int) -> dict:
-    """AUROC of the default score on noise, the noise's range, and the test images
-    (by index in the test file) that score above the least OOD-looking noise image."""
+TAIL_SCORES = ("typicality_nats", "vaebm_typicality_nats", "vaebm_bpd", "iwae_bpd")
+
+
+def score_tail(values: dict[str, np.ndarray], first_test_index: int) -> dict:
+    """AUROC of one score on noise, the noise's range, and the test images (by index in
+    the test file) that score above the least OOD-looking noise image."""
     inside, noise = values["in-distribution"], values["uniform-noise"]
     above = np.flatnonzero(inside > noise.min())
     return {
         "auroc": auroc(inside, noise),
-        "noise_min_max_nats": [round(float(noise.min()), 1), round(float(noise.max()), 1)],
+        "noise_min_max": [round(float(noise.min()), 3), round(float(noise.max()), 3)],
         "in_distribution_above_lowest_noise": {
             "test_index": (above + first_test_index).tolist(),
-            "nats": inside[above].round(1).tolist(),
+            "values": inside[above].round(3).tolist(),
             "share_of_noise_below": [round(float((noise < inside[i]).mean()), 4) for i in above],
         },
     }
@@ -62,11 +66,14 @@ def main() -> None:
     _, _, test_images, ood = sets_for("fashion-mnist", Path(args.shared), n=5000, n_cal=0)
     sets = {"in-distribution": test_images, "uniform-noise": ood["uniform-noise"]}
     reported = ("elbo_bpd", "webp_bpd", "elbo_complexity_webp_bpd")
-    parts, typicality = {}, {}
+    parts, tails = {}, {score: {} for score in TAIL_SCORES}
     for name, spec in sets.items():
-        values = statistics(load_dataset(spec, shape), model, args.iwae_k)
+        values = calibration.with_fitted_scores(
+            statistics(load_dataset(spec, shape), model, args.iwae_k)
+        )
         parts[name] = {k: values[k] for k in reported}
-        typicality[name] = calibration.with_fitted_scores(values)["typicality_nats"]
+        for score in TAIL_SCORES:
+            tails[score][name] = values[score]
     inside, noise = parts["in-distribution"], parts["uniform-noise"]
     lowest_noise = noise["elbo_complexity_webp_bpd"].min()
     above = inside["elbo_complexity_webp_bpd"] > lowest_noise
@@ -90,14 +97,15 @@ def main() -> None:
             "elbo_bpd": inside["elbo_bpd"][above].round(3).tolist(),
             "webp_bpd": inside["webp_bpd"][above].round(3).tolist(),
         },
-        "typicality_nats": typicality_tail(typicality, first_test_index=5000),
+        **{score: score_tail(tails[score], first_test_index=5000) for score in TAIL_SCORES},
         "weights_sha256": info.weights_sha256,
         "command": "python benchmarks/noise_tail.py",
     }
     atomic_write_json(args.out, report)
     print({k: v for k, v in report.items() if k.startswith("auroc")})
     print("in-distribution images above the lowest noise score:", int(above.sum()))
-    print("typicality_nats:", report["typicality_nats"])
+    for score in TAIL_SCORES:
+        print(f"{score}:", report[score])
 
 
 if __name__ == "__main__":
