@@ -1,4 +1,4 @@
-"""The energy ablation's verdict: vaebm_bpd against iwae_bpd, pair by pair."""
+"""vaebm_bpd against iwae_bpd, pair by pair: the ablation's verdict and the bootstrap."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import energy_ablation  # noqa: E402
+import numpy as np  # noqa: E402
+import vaebm_vs_iwae  # noqa: E402
 
 
 def test_compare_to_iwae_sorts_pairs_into_better_equal_worse():
@@ -23,3 +25,27 @@ def test_compare_to_iwae_sorts_pairs_into_better_equal_worse():
         "c": "worse",
     }
     assert energy_ablation.compare_to_iwae(auroc, tolerance=0.0)["b"] == "better"
+
+
+def scores(first: np.ndarray, second: np.ndarray) -> dict[str, np.ndarray]:
+    return {"vaebm_bpd": first, "iwae_bpd": second}
+
+
+def test_paired_bootstrap_interval_excludes_zero_only_for_a_real_gap():
+    rng = np.random.default_rng(0)
+    inside, outside = rng.normal(0, 1, 2000), rng.normal(1.5, 1, 2000)
+    noisy = inside + rng.normal(0, 2, 2000)  # the second score blurs in-distribution
+    better = vaebm_vs_iwae.paired_bootstrap(
+        scores(inside, noisy), scores(outside, outside), n_boot=200, seed=0
+    )
+    low, high = better["difference_95_interval"]
+    assert better["difference"] > 0 and low > 0 and better["share_of_resamples_vaebm_below"] == 0
+    same = vaebm_vs_iwae.paired_bootstrap(
+        scores(inside, inside), scores(outside, outside), n_boot=200, seed=0
+    )
+    assert same["difference"] == 0 and same["difference_95_interval"] == [0.0, 0.0]
+    swapped = vaebm_vs_iwae.paired_bootstrap(
+        scores(noisy, inside), scores(outside, outside), n_boot=200, seed=0
+    )
+    assert swapped["difference"] == -better["difference"]
+    assert swapped["difference_95_interval"][1] < 0
