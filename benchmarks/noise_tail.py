@@ -4,9 +4,9 @@ Scores test images 5000-9999 and 5000 uniform-noise images, as the OOD benchmark
 and reports the percentiles of ``elbo_bpd``, the WebP length and the earlier default
 (``elbo_complexity_webp_bpd``) for both, the in-distribution images that outscore the
 least OOD-looking noise image, and the AUROC with the code length capped at the raw
-8 bits/dim; then, for the two fitted typicality scores of the checkpoint's calibration,
-``vaebm_bpd`` and ``iwae_bpd``, the AUROC and the test images that outscore some noise
-image:
+8 bits/dim; then, for each of ``TAIL_SCORES`` (the calibration's two fitted typicality
+scores, ``vaebm_bpd`` and ``iwae_bpd``), the AUROC and the test images that outscore some
+noise image:
 
     python benchmarks/noise_tail.py --shared ../shared/datasets
 
