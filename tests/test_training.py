@@ -352,6 +352,7 @@ def test_ebm_divergence_exits_3_and_keeps_the_last_good_checkpoint(tmp_path, vae
         ("corruption_weight", -1.0),
         ("corruption_blur_min", 0.0),
         ("corruption_blur_max", 1.0),
+        ("corruption_pairs", "some"),
         ("energy_head", "mean"),
     ],
 )
@@ -367,6 +368,7 @@ def test_ebm_rejects_an_out_of_range_option(tmp_path, vae_checkpoint, ctx, field
         ("negative_temperature", 2.0),
         ("corruption_weight", 1.0),
         ("corruption_blur_max", 8.0),
+        ("corruption_pairs", "all"),
         ("energy_head", "global"),
     ],
 )
@@ -686,3 +688,23 @@ def test_ddp_divergence_on_one_rank_stops_every_rank(tmp_path, vae_checkpoint):
     assert sorted(log.read_text().split("\n")[:-1]) == ["0 3", "1 3"], result.stderr[-3000:]
     _, info = load_checkpoint(out)
     assert info.training["ebm"]["completed_steps"] == 1
+
+
+def test_corruption_ranking_loss_counts_own_pairs_or_every_pair():
+    ranking = train_ebm_module.corruption_ranking_loss
+    e_clean, e_corrupted = torch.tensor([10.0, 0.0]), torch.tensor([20.0, 5.0])
+    softplus = torch.nn.functional.softplus
+    # Each corrupted image outranks its own original by 5-10 nats: a small loss.
+    torch.testing.assert_close(
+        ranking(e_clean, e_corrupted, "own"),
+        (softplus(torch.tensor(-10.0)) + softplus(torch.tensor(-5.0))) / 2,
+    )
+    # Against every clean image, the second corrupted one (5) ranks below the first
+    # clean one (10): that pair dominates the mean.
+    every = torch.tensor([10 - 20, 10 - 5, 0 - 20, 0 - 5], dtype=torch.float32)
+    torch.testing.assert_close(ranking(e_clean, e_corrupted, "all"), softplus(every).mean())
+    assert ranking(e_clean, e_corrupted, "all") > 1.0 > ranking(e_clean, e_corrupted, "own")
+    # Its gradient pushes the costly clean image down and the cheap corrupted one up.
+    clean, corrupted = e_clean.clone().requires_grad_(), e_corrupted.clone().requires_grad_()
+    ranking(clean, corrupted, "all").backward()
+    assert clean.grad[0] > clean.grad[1] > 0 and corrupted.grad[1] < corrupted.grad[0] < 0

@@ -41,6 +41,7 @@ from training.runtime import (
 log = logging.getLogger(__name__)
 STATE_NAME = "train_state_ebm.pt"
 CD_INPUTS = ("sample", "mean")
+CORRUPTION_PAIRS = ("own", "all")
 
 
 @dataclass
@@ -84,6 +85,11 @@ class EBMTrainArgs:
     # scale, up to an image that is nearly flat at its own mean level.
     corruption_blur_min: float = 3.0
     corruption_blur_max: float = 3.0
+    # Which clean images each corrupted one must outrank: "own", its own original; "all",
+    # every clean image of the batch (a bounded AUROC surrogate: no real image should
+    # cost more than a structureless or detail-less one, so the clean images' high tail
+    # is pushed down and the corrupted images' low tail up).
+    corruption_pairs: str = "own"
     # Not in the paper: fresh Langevin chains start from N(0, T^2 I) instead of the prior
     # (T = 1), so the negatives also cover noisier images and odder latents than the VAE's
     # typical samples, where the energy is otherwise never trained.
@@ -110,6 +116,10 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
         raise ValueError(
             "corruption_blur_min must be > 0 and <= corruption_blur_max, got "
             f"{args.corruption_blur_min} and {args.corruption_blur_max}"
+        )
+    if args.corruption_pairs not in CORRUPTION_PAIRS:
+        raise ValueError(
+            f"corruption_pairs must be one of {CORRUPTION_PAIRS}, got {args.corruption_pairs!r}"
         )
     if args.energy_head not in ENERGY_HEADS:
         raise ValueError(f"energy_head must be one of {ENERGY_HEADS}, got {args.energy_head!r}")
@@ -179,7 +189,8 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
         spectral = energy.spectral_norm_sum()
         loss = e_pos.mean() - e_neg.mean() + args.alpha_s * spectral
         if e_corrupted:
-            loss = loss + args.corruption_weight * F.softplus(e_pos - e_corrupted[0]).mean()
+            ranking = corruption_ranking_loss(e_pos, e_corrupted[0], args.corruption_pairs)
+            loss = loss + args.corruption_weight * ranking
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(energy.parameters(), args.grad_clip)
@@ -280,6 +291,17 @@ def corrupt_images(
         u = torch.rand(len(images) - half, device=images.device)
         sigma = torch.exp(math.log(low) + (math.log(high) - math.log(low)) * u)
     return torch.cat([shuffle_pixels(images[:half]), gaussian_blur(images[half:], sigma)])
+
+
+def corruption_ranking_loss(
+    e_clean: torch.Tensor, e_corrupted: torch.Tensor, pairs: str = "own"
+) -> torch.Tensor:
+    """Mean softplus(E(clean) - E(corrupted)) over the pairs that must rank: each
+    corrupted image with its own original ("own", paired by position) or with every
+    clean image ("all"). Bounded: a pair stops counting once its gap is a few nats."""
+    if pairs == "own":
+        return F.softplus(e_clean - e_corrupted).mean()
+    return F.softplus(e_clean[:, None] - e_corrupted[None, :]).mean()
 
 
 def with_shuffled_negatives(x_neg: torch.Tensor, x_pos: torch.Tensor, share: float) -> torch.Tensor:
