@@ -4,7 +4,8 @@ Low energy = looks like the training data. VAEBM multiplies the VAE's density by
 ``exp(-E(x))``, so E only has to learn where the VAE puts mass that data does not.
 Smoothness matters more than capacity here: Langevin dynamics follows grad E, so
 the network uses the Lip-swish activation and a spectral-norm regulariser (on the
-convolutions; the heads' linear layers are kept small by weight decay only).
+convolutions; the heads' linear layers join it only when asked, otherwise weight decay
+alone keeps them small).
 
 Two heads turn the last feature map into E. "sum" (the paper's style, the default)
 sum-pools it, so E is a sum of local terms; "global" (what the shipped checkpoints use)
@@ -87,12 +88,14 @@ class EnergyNet(nn.Module):
         h = self.blocks(self.stem(x))  # (B, ch, h, w)
         return self.head(self.pool(h)).squeeze(1)
 
-    def spectral_norm_sum(self, power_iterations: int = 1) -> torch.Tensor:
-        """Sum over conv layers of the largest singular value of the (out, in*k*k) weight.
+    def spectral_norm_sum(self, power_iterations: int = 1, head: bool = False) -> torch.Tensor:
+        """Sum over conv layers of the largest singular value of the (out, in*k*k) weight,
+        and with ``head`` over the head's linear layers too.
 
-        Estimated by power iteration whose vectors persist between calls, so one
-        iteration per training step suffices. Differentiable in the weights: adding
-        ``alpha_s *`` this to the loss keeps the network smooth (the VAEBM regulariser).
+        The convs' values are estimated by power iteration whose vectors persist between
+        calls, so one iteration per training step suffices; the head's few small matrices
+        are decomposed exactly. Differentiable in the weights: adding ``alpha_s *`` this
+        to the loss keeps the network smooth (the VAEBM regulariser).
         """
         total = torch.zeros((), device=self.stem.weight.device)
         for i, conv in enumerate(self.convs()):
@@ -104,6 +107,10 @@ class EnergyNet(nn.Module):
                     u = F.normalize(w @ v, dim=0)
                 getattr(self, f"sn_u{i}").copy_(u)
             total = total + u @ w @ v
+        if head:
+            for linear in self.head.modules():
+                if isinstance(linear, nn.Linear):
+                    total = total + torch.linalg.matrix_norm(linear.weight, ord=2)
         return total
 
 

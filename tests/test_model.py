@@ -250,6 +250,25 @@ def test_spectral_norm_gradient_is_the_top_singular_pair():
     torch.testing.assert_close(conv.weight.grad.flatten(1), w.grad, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("head", ["sum", "global"])
+def test_spectral_norm_sum_adds_the_heads_linear_layers_when_asked(head):
+    torch.manual_seed(0)
+    energy = EnergyNet(EnergyConfig(hidden=8, head=head))
+    linears = [m for m in energy.head.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for linear in linears:
+            linear.weight.normal_(0, 0.5)  # the last layer starts at zero
+        convs_only = energy.spectral_norm_sum(power_iterations=300)
+        with_head = energy.spectral_norm_sum(power_iterations=300, head=True)
+    true_head = sum(float(torch.linalg.matrix_norm(m.weight, ord=2)) for m in linears)
+    assert true_head > 0
+    assert float(with_head - convs_only) == pytest.approx(true_head, rel=1e-4)
+    # Its gradient reaches the head (and only through the penalty, not through E).
+    energy.zero_grad()
+    energy.spectral_norm_sum(head=True).backward()
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in linears)
+
+
 # ------------------------------------------------------------------ Langevin
 class QuadraticEnergy(EnergyNet):
     """A known toy energy E(x) = weight * ||x - target||^2."""

@@ -369,6 +369,7 @@ def test_ebm_rejects_an_out_of_range_option(tmp_path, vae_checkpoint, ctx, field
         ("corruption_weight", 1.0),
         ("corruption_blur_max", 8.0),
         ("corruption_pairs", "all"),
+        ("spectral_head", True),
         ("energy_head", "global"),
     ],
 )
