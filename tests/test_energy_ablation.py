@@ -9,6 +9,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import energy_ablation  # noqa: E402
+import energy_weight  # noqa: E402
 import numpy as np  # noqa: E402
 import vaebm_vs_iwae  # noqa: E402
 
@@ -49,3 +50,42 @@ def test_paired_bootstrap_interval_excludes_zero_only_for_a_real_gap():
     )
     assert swapped["difference"] == -better["difference"]
     assert swapped["difference_95_interval"][1] < 0
+
+
+def test_tilted_mean_of_gaussian_energies_shifts_by_s_sigma_squared():
+    # Under E ~ N(mu, sigma^2), reweighting by exp(-s E) gives N(mu - s sigma^2, sigma^2).
+    energies = np.random.default_rng(0).normal(10.0, 2.0, 200_000)
+    mean, ess = energy_weight.tilted_mean(energies, 0.5)
+    assert abs(mean - (10.0 - 0.5 * 4.0)) < 0.05
+    assert 0.2 * len(energies) < ess < len(energies)
+    untilted, full = energy_weight.tilted_mean(energies, 0.0)
+    assert abs(untilted - energies.mean()) < 1e-9 and abs(full - len(energies)) < 1e-6
+    # A steep tilt leaves the weight on a few samples: the ESS says so.
+    assert energy_weight.tilted_mean(energies, 50.0)[1] < 10
+
+
+def test_maximum_likelihood_scale_recovers_the_tilt_that_made_the_data():
+    rng = np.random.default_rng(1)
+    model = rng.normal(10.0, 2.0, 200_000)
+    for s in (0.05, 0.3, 1.0):
+        data = rng.normal(10.0 - s * 4.0, 2.0, 50_000)  # the base tilted by exp(-s E)
+        found = energy_weight.maximum_likelihood_scale(model, data, high=10.0)
+        assert abs(found["s"] - s) < 0.05 * s + 0.01 and found["ess"] > 10
+        assert abs(energy_weight.gaussian_scale(model, data) - s) < 0.05 * s + 0.01
+    # Data costlier than the untilted model: no positive s matches; says so.
+    assert energy_weight.maximum_likelihood_scale(model, model + 1.0)["s"] is None
+    # Data cheaper than every sample: the tilted mean never gets there; only the
+    # Gaussian closed form gives a value.
+    far = model.min() - 1.0 - rng.normal(0, 0.1, 100) ** 2
+    assert energy_weight.maximum_likelihood_scale(model, far, high=1e3)["s"] is None
+    assert energy_weight.gaussian_scale(model, far) > 0
+
+
+def test_weighted_aurocs_run_from_the_bound_to_the_vaebm_score():
+    rng = np.random.default_rng(2)
+    inside = {"iwae_bpd": rng.normal(0, 1, 300), "energy": rng.normal(0, 1, 300)}
+    outside = {"iwae_bpd": rng.normal(0, 1, 300), "energy": rng.normal(2, 1, 300)}
+    aurocs = energy_weight.weighted_aurocs({"in": inside, "ood": outside}, bits=1.0)
+    assert set(aurocs) == {str(w) for w in energy_weight.WEIGHTS}
+    assert abs(aurocs["0.0"]["ood"] - 0.5) < 0.1  # the bound alone cannot tell them apart
+    assert aurocs["1.0"]["ood"] > aurocs["0.25"]["ood"] > aurocs["0.0"]["ood"]
