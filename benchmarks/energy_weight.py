@@ -94,6 +94,7 @@ def vae_sample_energies(model, n: int, batch: int, seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def data_energies(model, images: np.ndarray, batch: int) -> np.ndarray:
+    """E of uint8 images (N, C, H, W), scaled to [-1, 1] as in training."""
     x = torch.from_numpy(images)
     return np.concatenate(
         [model.energy(to_unit_range(c.to(model.device))).cpu().numpy() for c in x.split(batch)]

@@ -88,11 +88,13 @@ class EBMTrainArgs:
     # Which clean images each corrupted one must outrank: "own", its own original; "all",
     # every clean image of the batch (a bounded AUROC surrogate: no real image should
     # cost more than a structureless or detail-less one, so the clean images' high tail
-    # is pushed down and the corrupted images' low tail up).
+    # is pushed down and the corrupted images' low tail up). Tried: "all" traded the
+    # constant pair for MNIST and did not move the noise pair (docs/ood-analysis.md).
     corruption_pairs: str = "own"
     # Not in the paper: the spectral-norm regulariser also covers the head's linear
-    # layers. Unregularised, the global head's first layer grew to a largest singular
-    # value of 18 against 1.5-4 for each conv, and the energy's spread with it.
+    # layers, which otherwise only weight decay keeps small (in the shipped global head
+    # they add about 19 to the convs' 24). Tried once: it changed no AUROC by more than
+    # 0.001, the penalty being weak against what CD gains from a sharp head.
     spectral_head: bool = False
     # Not in the paper: fresh Langevin chains start from N(0, T^2 I) instead of the prior
     # (T = 1), so the negatives also cover noisier images and odder latents than the VAE's
