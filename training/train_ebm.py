@@ -92,9 +92,9 @@ class EBMTrainArgs:
     # constant pair for MNIST and did not move the noise pair (docs/ood-analysis.md).
     corruption_pairs: str = "own"
     # Not in the paper: the spectral-norm regulariser also covers the head's linear
-    # layers, which otherwise only weight decay keeps small (in the shipped global head
-    # they add about 19 to the convs' 24). Tried once: it changed no AUROC by more than
-    # 0.001, the penalty being weak against what CD gains from a sharp head.
+    # layers, which otherwise only weight decay keeps small (in the global head after
+    # 6000 iterations they add about 19 to the convs' 24). Tried once: no AUROC moved by
+    # more than 0.001, the penalty being weak against what CD gains from a sharp head.
     spectral_head: bool = False
     # Not in the paper: fresh Langevin chains start from N(0, T^2 I) instead of the prior
     # (T = 1), so the negatives also cover noisier images and odder latents than the VAE's
