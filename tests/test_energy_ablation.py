@@ -9,6 +9,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import energy_ablation  # noqa: E402
+import energy_tail  # noqa: E402
 import energy_weight  # noqa: E402
 import numpy as np  # noqa: E402
 import vaebm_vs_iwae  # noqa: E402
@@ -89,3 +90,21 @@ def test_weighted_aurocs_run_from_the_bound_to_the_vaebm_score():
     assert set(aurocs) == {str(w) for w in energy_weight.WEIGHTS}
     assert abs(aurocs["0.0"]["ood"] - 0.5) < 0.1  # the bound alone cannot tell them apart
     assert aurocs["1.0"]["ood"] > aurocs["0.25"]["ood"] > aurocs["0.0"]["ood"]
+
+
+def test_energy_tail_names_the_test_images_above_the_cheapest_noise():
+    rng = np.random.default_rng(0)
+    inside = rng.normal(0.0, 1.0, size=1000)
+    inside[[7, 42]] = [9.0, 8.0]  # two rare images, stranger than any noise
+    noise = rng.uniform(5.0, 6.0, size=500)
+    tail = energy_tail.energy_tail(inside, noise, top=3)
+    assert tail["top_test_images"]["test_index"][:2] == [5007, 5042]
+    assert tail["top_test_images"]["sd_above_median"][0] > 8
+    assert tail["test_images_above_cheapest_noise"] == 2
+    low, high = tail["noise_sd_above_median_min_max"]
+    assert 4.5 < low < high < 6.5
+    assert 0.99 < tail["auroc_energy"] < 1.0
+    inside[[7, 42]] = 0.0  # without them the energy separates noise perfectly
+    clean = energy_tail.energy_tail(inside, noise, top=3)
+    assert clean["test_images_above_cheapest_noise"] == 0
+    assert clean["auroc_energy"] == 1.0

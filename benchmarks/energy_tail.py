@@ -1,0 +1,96 @@
+"""Which in-distribution images does the energy find strangest, and is noise among them?
+
+The Fashion-MNIST pair with uniform noise is lost by ``vaebm_bpd`` through a few test
+images whose energy exceeds that of the least strange noise image by more than the VAE's
+likelihood separates them. For each energy (a checkpoint directory, its VAE frozen), this
+computes E(x) in nats on the benchmark's in-distribution images (test images 5000-9999)
+and on its 5000 uniform-noise images, and reports, in standard deviations of the test
+images' energy above their median: the noise's range, the ``--top`` highest-energy test
+images (by index in the test file), and how many test images cost more energy than the
+cheapest noise image; with the energy's AUROC on the pair:
+
+    python benchmarks/energy_tail.py --shared ../shared/datasets \\
+        --run shipped=checkpoints/fashion-mnist --run flip=runs/flip-w4-s0
+
+Writes docs/energy-tail.json (one entry per run name, others kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+from energy_weight import data_energies
+from ood_benchmark import sets_for
+
+from model.checkpoint import atomic_write_json, load_checkpoint
+from model.device import select_device
+from model.metrics import auroc
+from training.data import ImageShape, load_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+FIRST_TEST_INDEX = 5000  # the benchmark's in-distribution images are test images 5000-9999
+
+
+def energy_tail(inside: np.ndarray, noise: np.ndarray, top: int) -> dict:
+    """Summary of where noise falls in the in-distribution energies (nats, higher = more OOD).
+
+    Offsets are in standard deviations of ``inside`` above its median, so runs whose
+    energies drifted to different scales can be compared."""
+    median, spread = float(np.median(inside)), float(inside.std())
+
+    def z(values: np.ndarray) -> list[float]:
+        return np.round((values - median) / spread, 2).tolist()
+
+    order = np.argsort(-inside, kind="stable")[:top]
+    return {
+        "energy_std_nats": round(spread, 1),
+        "auroc_energy": auroc(inside, noise),
+        "noise_sd_above_median_min_max": z(np.array([noise.min(), noise.max()])),
+        "top_test_images": {
+            "test_index": (order + FIRST_TEST_INDEX).tolist(),
+            "sd_above_median": z(inside[order]),
+        },
+        "test_images_above_cheapest_noise": int((inside > noise.min()).sum()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shared", default="../shared/datasets")
+    parser.add_argument("--run", action="append", required=True, metavar="NAME=DIR")
+    parser.add_argument("--top", type=int, default=5)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "energy-tail.json")
+    args = parser.parse_args()
+
+    _, _, test_spec, ood = sets_for("fashion-mnist", Path(args.shared), n=5000, n_cal=0)
+    device = select_device(args.device)
+    entries = json.loads(args.out.read_text()) if args.out.exists() else {}
+    command = "python benchmarks/energy_tail.py " + shlex.join(
+        [f"--run={spec}" for spec in args.run] + [f"--top={args.top}"]
+    )
+    for spec in args.run:
+        name, _, directory = spec.partition("=")
+        if not directory:
+            sys.exit(f"--run wants NAME=DIR, got {spec!r}")
+        model, info = load_checkpoint(directory, device)
+        shape = ImageShape(*model.vae.image_shape[:2])
+        inside = data_energies(model, load_dataset(test_spec, shape), batch=250)
+        noise = data_energies(model, load_dataset(ood["uniform-noise"], shape), batch=250)
+        entries[name] = {
+            **energy_tail(inside, noise, args.top),
+            "run": directory,
+            "weights_sha256": info.weights_sha256,
+            "command": command,
+        }
+        print(name, entries[name], flush=True)
+    atomic_write_json(args.out, entries)
+
+
+if __name__ == "__main__":
+    main()
