@@ -41,6 +41,7 @@ def energy_tail(inside: np.ndarray, noise: np.ndarray, top: int) -> dict:
 
     Offsets are in standard deviations of ``inside`` above its median, so runs whose
     energies drifted to different scales can be compared."""
+    inside, noise = inside.astype(np.float64), noise.astype(np.float64)
     median, spread = float(np.median(inside)), float(inside.std())
 
     def z(values: np.ndarray) -> list[float]:
