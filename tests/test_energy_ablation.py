@@ -11,6 +11,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import energy_ablation  # noqa: E402
 import energy_tail  # noqa: E402
 import energy_weight  # noqa: E402
+import flip_cost  # noqa: E402
 import numpy as np  # noqa: E402
 import vaebm_vs_iwae  # noqa: E402
 
@@ -108,3 +109,14 @@ def test_energy_tail_names_the_test_images_above_the_cheapest_noise():
     clean = energy_tail.energy_tail(inside, noise, top=3)
     assert clean["test_images_above_cheapest_noise"] == 0
     assert clean["auroc_energy"] == 1.0
+
+
+def test_flip_cost_mirrors_images_and_signs_the_difference():
+    images = np.arange(2 * 1 * 2 * 3, dtype=np.uint8).reshape(2, 1, 2, 3)
+    assert flip_cost.mirrored(images)[0, 0, 0].tolist() == [2, 1, 0]
+    assert np.array_equal(flip_cost.mirrored(flip_cost.mirrored(images)), images)
+    as_is = np.array([1.0, 2.0, 3.0, 4.0])
+    cost = flip_cost.flip_cost(as_is, as_is + np.array([5.0, 5.0, 5.0, -1.0]))
+    assert cost["median_difference"] == 5.0
+    assert cost["share_costlier_mirrored"] == 0.75
+    assert cost["mean_mirrored"] - cost["mean_as_is"] == 3.5
