@@ -31,6 +31,7 @@ from training.runtime import (
     batch_indices,
     check_finite,
     load_state,
+    random_horizontal_flip,
     setup_distributed,
 )
 from training.train_ebm import EBMTrainArgs, train_ebm
@@ -198,6 +199,29 @@ def test_train_vae_writes_a_loadable_checkpoint(tmp_path, data, ctx):
     assert len(list(out.glob("weights-*.safetensors"))) == 1
     # The energy network of a stage-1 checkpoint is the zero placeholder.
     assert torch.equal(model.energy(torch.zeros(2, 1, 28, 28)), torch.zeros(2))
+
+
+def test_random_horizontal_flip_mirrors_about_half_the_images():
+    images = torch.arange(400 * 2 * 3, dtype=torch.float32).reshape(400, 1, 2, 3)
+    torch.manual_seed(0)
+    out = random_horizontal_flip(images)
+    kept = (out == images).flatten(1).all(1)
+    mirrored = (out == images.flip(3)).flatten(1).all(1)
+    assert bool((kept ^ mirrored).all())  # each image whole, as is or mirrored
+    assert 150 < int(mirrored.sum()) < 250
+    torch.manual_seed(0)
+    assert torch.equal(random_horizontal_flip(images), out)  # the global RNG decides
+
+
+def test_vae_trains_on_flipped_images_only_when_asked(tmp_path, data, ctx):
+    plain_dir, flipped_dir = tmp_path / "plain", tmp_path / "flipped"
+    train_vae(vae_args(plain_dir, data), ctx)
+    train_vae(vae_args(flipped_dir, data, flip=True), ctx)
+    plain, _ = load_checkpoint(plain_dir)
+    flipped, info = load_checkpoint(flipped_dir)
+    assert info.training["vae"]["flip"] is True
+    weight = "vae.enc_in.weight"
+    assert not torch.equal(plain.state_dict()[weight], flipped.state_dict()[weight])
 
 
 def test_vae_resume_after_kill_equals_uninterrupted_run(tmp_path, data, ctx, monkeypatch):

@@ -81,6 +81,13 @@ def batch_indices(
     return batch[ctx.rank :: ctx.world_size]
 
 
+def random_horizontal_flip(images: torch.Tensor) -> torch.Tensor:
+    """Mirror each image (N, C, H, W) left to right with probability 1/2 (the global RNG,
+    which a resumed run restores), as the paper does to its training images."""
+    flip = torch.rand(len(images), device=images.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
+
+
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """Write a resumable training state atomically (loadable with weights_only=True)."""
     buffer = io.BytesIO()

@@ -33,6 +33,7 @@ from training.runtime import (
     check_finite,
     dataclass_dict,
     load_state,
+    random_horizontal_flip,
     rng_state,
     save_state,
     set_rng_state,
@@ -183,8 +184,7 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
         idx = batch_indices(len(train_images), args.batch_size, step, args.seed, ctx)
         x_pos = to_unit_range(train_images[idx].to(ctx.device))
         if args.flip:
-            flip = torch.rand(len(x_pos), device=ctx.device) < 0.5
-            x_pos = torch.where(flip.view(-1, 1, 1, 1), x_pos.flip(3), x_pos)
+            x_pos = random_horizontal_flip(x_pos)
         x_neg = negatives(model, len(x_pos), args, step, buffer)
         x_neg = with_shuffled_negatives(x_neg, x_pos, args.shuffled_negatives)
         batch = [x_pos, x_neg]

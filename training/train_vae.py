@@ -30,6 +30,7 @@ from training.runtime import (
     check_finite,
     dataclass_dict,
     load_state,
+    random_horizontal_flip,
     rng_state,
     save_state,
     set_rng_state,
@@ -59,6 +60,7 @@ class VAETrainArgs:
     checkpoint_every: int = 250
     eval_images: int = 1000  # validation images used for periodic bits/dim
     iwae_k: int = 16  # samples of the final importance-weighted validation bound
+    flip: bool = False  # random horizontal flips of training images (off for digits/text)
     seed: int = 0
     device: str = "auto"
     resume: bool = False
@@ -117,6 +119,8 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
     while step < args.steps:
         idx = batch_indices(len(train_images), args.batch_size, step, args.seed, ctx)
         x = to_unit_range(train_images[idx].to(ctx.device))
+        if args.flip:
+            x = random_horizontal_flip(x)
         terms = net(x)
         kl_weight = min(1.0, (step + 1) / max(args.kl_warmup_steps, 1))
         for group in optimizer.param_groups:  # cosine decay, a pure function of the step
