@@ -18,18 +18,18 @@ Writes docs/energy-tail.json (one entry per run name, others kept).
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
 from energy_weight import data_energies
+from named_runs import measure_runs
 from ood_benchmark import sets_for
 
-from model.checkpoint import atomic_write_json, load_checkpoint
+from model.checkpoint import CheckpointInfo
 from model.device import select_device
 from model.metrics import auroc
+from model.vaebm import VAEBM
 from training.data import ImageShape, load_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,27 +70,19 @@ def main() -> None:
     args = parser.parse_args()
 
     _, _, test_spec, ood = sets_for("fashion-mnist", Path(args.shared), n=5000, n_cal=0)
-    device = select_device(args.device)
-    entries = json.loads(args.out.read_text()) if args.out.exists() else {}
-    command = "python benchmarks/energy_tail.py " + shlex.join(
-        [f"--run={spec}" for spec in args.run] + [f"--top={args.top}"]
-    )
-    for spec in args.run:
-        name, _, directory = spec.partition("=")
-        if not directory:
-            sys.exit(f"--run wants NAME=DIR, got {spec!r}")
-        model, info = load_checkpoint(directory, device)
+
+    def measure(model: VAEBM, info: CheckpointInfo) -> dict:
         shape = ImageShape(*model.vae.image_shape[:2])
         inside = data_energies(model, load_dataset(test_spec, shape), batch=250)
         noise = data_energies(model, load_dataset(ood["uniform-noise"], shape), batch=250)
-        entries[name] = {
-            **energy_tail(inside, noise, args.top),
-            "run": directory,
-            "weights_sha256": info.weights_sha256,
-            "command": command,
-        }
-        print(name, entries[name], flush=True)
-    atomic_write_json(args.out, entries)
+        return energy_tail(inside, noise, args.top)
+
+    command = "python benchmarks/energy_tail.py " + shlex.join(
+        [f"--run={spec}" for spec in args.run] + [f"--top={args.top}"]
+    )
+    measure_runs(
+        args.run, measure, out=args.out, command=command, device=select_device(args.device)
+    )
 
 
 if __name__ == "__main__":

@@ -16,17 +16,17 @@ Writes docs/flip-cost.json (one entry per run name, others kept).
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
+from named_runs import measure_runs
 from ood_benchmark import sets_for
 
-from model.checkpoint import atomic_write_json, load_checkpoint
+from model.checkpoint import CheckpointInfo
 from model.device import select_device
 from model.scores import score_in_batches
+from model.vaebm import VAEBM
 from training.data import ImageShape, load_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,31 +60,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "flip-cost.json")
     args = parser.parse_args()
 
-    device = select_device(args.device)
-    entries = json.loads(args.out.read_text()) if args.out.exists() else {}
-    command = "python benchmarks/flip_cost.py " + shlex.join(
-        [f"--run={spec}" for spec in args.run] + [f"--n={args.n}"]
-    )
-    for spec in args.run:
-        name, _, directory = spec.partition("=")
-        if not directory:
-            sys.exit(f"--run wants NAME=DIR, got {spec!r}")
-        model, info = load_checkpoint(directory, device)
+    def measure(model: VAEBM, info: CheckpointInfo) -> dict:
         _, _, test_spec, _ = sets_for(info.name, Path(args.shared), n=args.n, n_cal=0)
         images = load_dataset(test_spec, ImageShape(*model.vae.image_shape[:2]))
-
         plain, flipped = (
             score_in_batches(model, x, batch_size=250, iwae_k=args.iwae_k, seed=0)
             for x in (images, mirrored(images))
         )
-        entries[name] = {
-            **{k: flip_cost(plain[k], flipped[k]) for k in COMPARED},
-            "run": directory,
-            "weights_sha256": info.weights_sha256,
-            "command": command,
-        }
-        print(name, entries[name], flush=True)
-    atomic_write_json(args.out, entries)
+        return {k: flip_cost(plain[k], flipped[k]) for k in COMPARED}
+
+    command = "python benchmarks/flip_cost.py " + shlex.join(
+        [f"--run={spec}" for spec in args.run] + [f"--n={args.n}"]
+    )
+    measure_runs(
+        args.run, measure, out=args.out, command=command, device=select_device(args.device)
+    )
 
 
 if __name__ == "__main__":

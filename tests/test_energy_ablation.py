@@ -1,9 +1,14 @@
-"""vaebm_bpd against iwae_bpd, pair by pair: the ablation's verdict and the bootstrap."""
+"""The energy study's benchmark helpers: the ablation's verdict, the bootstrap, the energy's
+weight and tail, the cost of mirroring, and the runs they record."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -12,6 +17,7 @@ import energy_ablation  # noqa: E402
 import energy_tail  # noqa: E402
 import energy_weight  # noqa: E402
 import flip_cost  # noqa: E402
+import named_runs  # noqa: E402
 import numpy as np  # noqa: E402
 import vaebm_vs_iwae  # noqa: E402
 
@@ -120,3 +126,30 @@ def test_flip_cost_mirrors_images_and_signs_the_difference():
     assert cost["median_difference"] == 5.0
     assert cost["share_costlier_mirrored"] == 0.75
     assert cost["mean_mirrored"] - cost["mean_as_is"] == 3.5
+
+
+def test_measure_runs_records_each_named_run_and_keeps_other_entries(tiny_checkpoint, tmp_path):
+    out = tmp_path / "runs.json"
+    out.write_text(json.dumps({"earlier": {"kept": True}}))
+    seen = []
+
+    def measure(model, info):
+        seen.append(info.name)
+        return {"energy_of_zeros": float(model.energy(torch.zeros(1, 1, 28, 28))[0])}
+
+    specs = [f"a={tiny_checkpoint}", f"b={tiny_checkpoint}"]
+    entries = named_runs.measure_runs(
+        specs, measure, out=out, command="cmd", device=torch.device("cpu")
+    )
+    assert len(seen) == 2
+    assert json.loads(out.read_text()) == entries
+    assert entries["earlier"] == {"kept": True}
+    assert entries["a"]["run"] == str(tiny_checkpoint) and entries["a"]["command"] == "cmd"
+    assert len(entries["b"]["weights_sha256"]) == 64
+
+
+@pytest.mark.parametrize("spec", ["no-equals", "=dir", "name="])
+def test_parse_run_refuses_a_spec_without_name_and_directory(spec):
+    with pytest.raises(SystemExit, match="NAME=DIR"):
+        named_runs.parse_run(spec)
+    assert named_runs.parse_run("a=b=c") == ("a", "b=c")
