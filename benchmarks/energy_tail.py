@@ -18,12 +18,11 @@ Writes docs/energy-tail.json (one entry per run name, others kept).
 from __future__ import annotations
 
 import argparse
-import shlex
 from pathlib import Path
 
 import numpy as np
 from energy_weight import data_energies
-from named_runs import measure_runs
+from named_runs import measure_runs, run_command
 from ood_benchmark import sets_for
 
 from model.checkpoint import CheckpointInfo
@@ -77,9 +76,7 @@ def main() -> None:
         noise = data_energies(model, load_dataset(ood["uniform-noise"], shape), batch=250)
         return energy_tail(inside, noise, args.top)
 
-    command = "python benchmarks/energy_tail.py " + shlex.join(
-        [f"--run={spec}" for spec in args.run] + [f"--top={args.top}"]
-    )
+    command = run_command("energy_tail.py", args.run, [f"--top={args.top}"])
     measure_runs(
         args.run, measure, out=args.out, command=command, device=select_device(args.device)
     )

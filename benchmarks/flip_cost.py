@@ -16,11 +16,10 @@ Writes docs/flip-cost.json (one entry per run name, others kept).
 from __future__ import annotations
 
 import argparse
-import shlex
 from pathlib import Path
 
 import numpy as np
-from named_runs import measure_runs
+from named_runs import measure_runs, run_command
 from ood_benchmark import sets_for
 
 from model.checkpoint import CheckpointInfo
@@ -69,9 +68,7 @@ def main() -> None:
         )
         return {k: flip_cost(plain[k], flipped[k]) for k in COMPARED}
 
-    command = "python benchmarks/flip_cost.py " + shlex.join(
-        [f"--run={spec}" for spec in args.run] + [f"--n={args.n}"]
-    )
+    command = run_command("flip_cost.py", args.run, [f"--n={args.n}"])
     measure_runs(
         args.run, measure, out=args.out, command=command, device=select_device(args.device)
     )

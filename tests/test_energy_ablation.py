@@ -153,3 +153,10 @@ def test_parse_run_refuses_a_spec_without_name_and_directory(spec):
     with pytest.raises(SystemExit, match="NAME=DIR"):
         named_runs.parse_run(spec)
     assert named_runs.parse_run("a=b=c") == ("a", "b=c")
+
+
+def test_run_command_names_the_script_every_run_and_its_options():
+    command = named_runs.run_command("energy_tail.py", ["a=runs/a", "b=runs/b"], ["--top=5"])
+    assert command == "python benchmarks/energy_tail.py --run=a=runs/a --run=b=runs/b --top=5"
+    quoted = named_runs.run_command("flip_cost.py", ["a=dir with space"], ["--n=10"])
+    assert quoted == "python benchmarks/flip_cost.py '--run=a=dir with space' --n=10"
