@@ -7,7 +7,10 @@ computes E(x) in nats on the benchmark's in-distribution images (test images 500
 and on its 5000 uniform-noise images, and reports, in standard deviations of the test
 images' energy above their median: the noise's range, the ``--top`` highest-energy test
 images (by index in the test file), and how many test images cost more energy than the
-cheapest noise image; with the energy's AUROC on the pair:
+cheapest noise image; with the energy's AUROC on the pair. To tell a rare kind of image
+from a failure to generalise, it also gives quantiles of the energy, in the same units, on
+the test images and on ``--train-images`` images the energy was trained on (the first of
+the checkpoint's own training split):
 
     python benchmarks/energy_tail.py --shared ../shared/datasets \\
         --run shipped=checkpoints/fashion-mnist --run flip=runs/flip-w4-s0
@@ -29,17 +32,22 @@ from model.checkpoint import CheckpointInfo
 from model.device import select_device
 from model.metrics import auroc
 from model.vaebm import VAEBM
-from training.data import ImageShape, load_dataset
+from training.data import ImageShape, load_dataset, split
 
 REPO = Path(__file__).resolve().parent.parent
 FIRST_TEST_INDEX = 5000  # the benchmark's in-distribution images are test images 5000-9999
+QUANTILES = (50, 90, 99, 99.9, 100)  # percentiles reported for test and training images
 
 
-def energy_tail(inside: np.ndarray, noise: np.ndarray, top: int) -> dict:
+def energy_tail(
+    inside: np.ndarray, noise: np.ndarray, top: int, trained: np.ndarray | None = None
+) -> dict:
     """Summary of where noise falls in the in-distribution energies (nats, higher = more OOD).
 
     Offsets are in standard deviations of ``inside`` above its median, so runs whose
-    energies drifted to different scales can be compared."""
+    energies drifted to different scales can be compared. With ``trained`` (energies of
+    images the energy was trained on), the ``QUANTILES`` of both sets in those units: a
+    test tail far above the training tail would mean the energy overfits its positives."""
     inside, noise = inside.astype(np.float64), noise.astype(np.float64)
     median, spread = float(np.median(inside)), float(inside.std())
 
@@ -47,7 +55,7 @@ def energy_tail(inside: np.ndarray, noise: np.ndarray, top: int) -> dict:
         return np.round((values - median) / spread, 2).tolist()
 
     order = np.argsort(-inside, kind="stable")[:top]
-    return {
+    summary = {
         "energy_std_nats": round(spread, 1),
         "auroc_energy": auroc(inside, noise),
         "noise_sd_above_median_min_max": z(np.array([noise.min(), noise.max()])),
@@ -57,6 +65,13 @@ def energy_tail(inside: np.ndarray, noise: np.ndarray, top: int) -> dict:
         },
         "test_images_above_cheapest_noise": int((inside > noise.min()).sum()),
     }
+    if trained is not None:
+        summary["quantiles_sd_above_median"] = {
+            "percentiles": list(QUANTILES),
+            "test": z(np.percentile(inside, QUANTILES)),
+            "train": z(np.percentile(trained.astype(np.float64), QUANTILES)),
+        }
+    return summary
 
 
 def main() -> None:
@@ -64,19 +79,27 @@ def main() -> None:
     parser.add_argument("--shared", default="../shared/datasets")
     parser.add_argument("--run", action="append", required=True, metavar="NAME=DIR")
     parser.add_argument("--top", type=int, default=5)
+    parser.add_argument("--train-images", type=int, default=5000)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "energy-tail.json")
     args = parser.parse_args()
 
-    _, _, test_spec, ood = sets_for("fashion-mnist", Path(args.shared), n=5000, n_cal=0)
+    train_spec, _, test_spec, ood = sets_for("fashion-mnist", Path(args.shared), 5000, n_cal=0)
 
     def measure(model: VAEBM, info: CheckpointInfo) -> dict:
         shape = ImageShape(*model.vae.image_shape[:2])
         inside = data_energies(model, load_dataset(test_spec, shape), batch=250)
         noise = data_energies(model, load_dataset(ood["uniform-noise"], shape), batch=250)
-        return energy_tail(inside, noise, args.top)
+        trained, _ = split(
+            load_dataset(train_spec, shape),
+            val_fraction=info.data.get("val_fraction", 0.05),
+            seed=info.data.get("split_seed", 0),
+        )
+        trained = data_energies(model, trained[: args.train_images], batch=250)
+        return energy_tail(inside, noise, args.top, trained)
 
-    command = run_command("energy_tail.py", args.run, [f"--top={args.top}"])
+    options = [f"--top={args.top}", f"--train-images={args.train_images}"]
+    command = run_command("energy_tail.py", args.run, options)
     measure_runs(
         args.run, measure, out=args.out, command=command, device=select_device(args.device)
     )

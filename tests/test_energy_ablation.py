@@ -115,6 +115,23 @@ def test_energy_tail_names_the_test_images_above_the_cheapest_noise():
     clean = energy_tail.energy_tail(inside, noise, top=3)
     assert clean["test_images_above_cheapest_noise"] == 0
     assert clean["auroc_energy"] == 1.0
+    assert "quantiles_sd_above_median" not in clean  # only with training images
+
+
+def test_energy_tail_puts_training_images_on_the_test_images_scale():
+    rng = np.random.default_rng(1)
+    inside = rng.normal(100.0, 10.0, size=2000)
+    trained = rng.normal(100.0, 10.0, size=2000)
+    trained[:100] = 40.0  # an energy that fits its positives better than new images
+    tail = energy_tail.energy_tail(inside, rng.uniform(200, 300, 50), top=1, trained=trained)
+    quantiles = tail["quantiles_sd_above_median"]
+    assert quantiles["percentiles"] == [50, 90, 99, 99.9, 100]
+    test, train = quantiles["test"], quantiles["train"]
+    assert abs(test[0]) < 0.01 and test == sorted(test)
+    assert abs(test[1] - 1.28) < 0.1  # 90th percentile of a normal, in its own sd
+    assert train[0] < test[0] and train[-1] < test[-1] + 1.0
+    expected_max = (trained.max() - np.median(inside)) / inside.std()
+    assert abs(train[-1] - expected_max) < 0.01
 
 
 def test_flip_cost_mirrors_images_and_signs_the_difference():
