@@ -34,7 +34,7 @@ from training.runtime import (
     random_horizontal_flip,
     setup_distributed,
 )
-from training.train_ebm import EBMTrainArgs, train_ebm
+from training.train_ebm import EBMTrainArgs, learning_rate, train_ebm
 from training.train_vae import VAETrainArgs, train_vae
 
 torch.set_num_threads(1)  # two background jobs share the 2 cores: threads only add contention
@@ -298,22 +298,22 @@ def test_vae_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, data,
 
 
 # -------------------------------------------------------------------- stage 2
-@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+@pytest.mark.parametrize("options", [{"ema_decay": 0.0}, {"ema_decay": 0.9}, {"lr_decay_from": 2}])
 def test_ebm_resume_after_kill_equals_uninterrupted_run(
-    tmp_path, vae_checkpoint, ctx, monkeypatch, ema_decay
+    tmp_path, vae_checkpoint, ctx, monkeypatch, options
 ):
     full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
     vae_state = load_checkpoint(vae_checkpoint)[0].vae.state_dict()
-    train_ebm(ebm_args(vae_checkpoint, full_dir, ema_decay=ema_decay), ctx)
+    train_ebm(ebm_args(vae_checkpoint, full_dir, **options), ctx)
 
     kill_after_checkpoint(monkeypatch, train_ebm_module, step_position=6, at_step=3)
     with pytest.raises(Killed):
-        train_ebm(ebm_args(vae_checkpoint, killed_dir, ema_decay=ema_decay), ctx)
+        train_ebm(ebm_args(vae_checkpoint, killed_dir, **options), ctx)
     monkeypatch.undo()
     assert load_state(killed_dir / "train_state_ebm.pt")["step"] == 3
 
     steps = record_steps(monkeypatch, train_ebm_module)
-    train_ebm(ebm_args(vae_checkpoint, killed_dir, ema_decay=ema_decay, resume=True), ctx)
+    train_ebm(ebm_args(vae_checkpoint, killed_dir, **options, resume=True), ctx)
     assert steps == [3, 4, 5]
 
     full, _ = load_checkpoint(full_dir)
@@ -340,6 +340,23 @@ def test_ebm_resume_with_a_new_learning_rate_uses_it(tmp_path, vae_checkpoint, c
     state = load_state(out / "train_state_ebm.pt")
     assert state["step"] == 5
     assert state["optimizer"]["param_groups"][0]["lr"] == 1e-5
+
+
+def test_ebm_learning_rate_falls_linearly_to_zero_from_lr_decay_from():
+    constant = EBMTrainArgs(lr=1e-4, steps=10)
+    assert [learning_rate(t, constant) for t in (0, 5, 9)] == [1e-4] * 3
+    decaying = EBMTrainArgs(lr=1e-4, steps=10, lr_decay_from=4)
+    rates = [learning_rate(t, decaying) for t in range(10)]
+    assert rates[:5] == [1e-4] * 5  # the update at step 4 still uses the full lr
+    assert rates[7] == pytest.approx(0.5e-4) and rates[9] == pytest.approx(1e-4 / 6)
+    assert all(a > b for a, b in zip(rates[4:], rates[5:], strict=False))
+
+
+def test_ebm_lr_decay_reaches_the_optimizer(tmp_path, vae_checkpoint, ctx):
+    out = tmp_path / "run"
+    train_ebm(ebm_args(vae_checkpoint, out, lr=8e-5, lr_decay_from=2), ctx)  # 6 steps
+    last = load_state(out / "train_state_ebm.pt")["optimizer"]["param_groups"][0]["lr"]
+    assert last == pytest.approx(8e-5 * (6 - 5) / (6 - 2))  # the lr of the last update
 
 
 def test_ebm_divergence_exits_3_and_keeps_the_last_good_checkpoint(tmp_path, vae_checkpoint):
@@ -378,6 +395,8 @@ def test_ebm_divergence_exits_3_and_keeps_the_last_good_checkpoint(tmp_path, vae
         ("corruption_blur_max", 1.0),
         ("corruption_pairs", "some"),
         ("energy_head", "mean"),
+        ("lr_decay_from", 6),  # not before the last step (steps=6)
+        ("lr_decay_from", -1),
     ],
 )
 def test_ebm_rejects_an_out_of_range_option(tmp_path, vae_checkpoint, ctx, field, value):

@@ -55,6 +55,9 @@ class EBMTrainArgs:
     steps: int = 500
     batch_size: int = 32
     lr: float = 5e-5  # on --resume this replaces the saved lr (Adam's moments are kept)
+    # Not in the paper (constant lr there): from this step on, the lr falls linearly to 0
+    # at --steps, so that a long run ends settled instead of drifting. 0 = constant lr.
+    lr_decay_from: int = 0
     beta1: float = 0.99
     weight_decay: float = 3e-5
     alpha_s: float = 0.2  # weight of the spectral-norm regulariser
@@ -132,6 +135,11 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
         raise ValueError(f"energy_head must be one of {ENERGY_HEADS}, got {args.energy_head!r}")
     if not 0.0 <= args.ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {args.ema_decay}")
+    if not (args.lr_decay_from == 0 or 0 < args.lr_decay_from < args.steps):
+        raise ValueError(
+            f"lr_decay_from must be 0 (constant lr) or in (0, steps={args.steps}), "
+            f"got {args.lr_decay_from}"
+        )
     torch.manual_seed(args.seed)
     out = Path(args.out or args.checkpoint)
     source = Path(args.checkpoint)
@@ -210,6 +218,8 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
             raise DivergenceError(
                 f"step {step}: |E| reached {peak:.3g} > max_abs_energy {args.max_abs_energy:g}"
             )
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args)
         optimizer.step()
         if ema is not None:
             ema.update_parameters(energy)
@@ -230,6 +240,16 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
             _save(out, model, published, optimizer, buffer, ema, step, args, info, metrics, started)
     progress.close()
     return metrics
+
+
+def learning_rate(step: int, args: EBMTrainArgs) -> float:
+    """The lr of the update at ``step`` (0-based): ``args.lr``, or with ``lr_decay_from``
+    set, falling linearly from it at that step to 0 at ``args.steps``. A function of the
+    step alone, so a resumed run follows the same schedule as an uninterrupted one."""
+    start = args.lr_decay_from
+    if start <= 0 or step < start:
+        return args.lr
+    return args.lr * max(args.steps - step, 0) / max(args.steps - start, 1)
 
 
 def averaged_energy(energy: EnergyNet, decay: float) -> AveragedModel | None:
