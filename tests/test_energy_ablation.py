@@ -1,9 +1,10 @@
 """The energy study's benchmark helpers: the ablation's verdict, the bootstrap, the energy's
-weight and tail, the cost of mirroring, and the runs they record."""
+weight and tail, the cost of mirroring, the last iterate, and the runs they record."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import energy_ablation  # noqa: E402
 import energy_tail  # noqa: E402
 import energy_weight  # noqa: E402
 import flip_cost  # noqa: E402
+import last_iterate  # noqa: E402
 import named_runs  # noqa: E402
 import numpy as np  # noqa: E402
 import vaebm_vs_iwae  # noqa: E402
@@ -177,3 +179,29 @@ def test_run_command_names_the_script_every_run_and_its_options():
     assert command == "python benchmarks/energy_tail.py --run=a=runs/a --run=b=runs/b --top=5"
     quoted = named_runs.run_command("flip_cost.py", ["a=dir with space"], ["--n=10"])
     assert quoted == "python benchmarks/flip_cost.py '--run=a=dir with space' --n=10"
+
+
+def test_last_iterate_exports_the_state_energy_with_the_runs_vae(tiny_checkpoint, tmp_path):
+    from model.checkpoint import load_checkpoint
+    from training.runtime import save_state
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_checkpoint, run)
+    published, _ = load_checkpoint(run)
+    last = {k: v + 0.5 for k, v in published.energy.state_dict().items()}  # not the average
+    save_state(run / "train_state_ebm.pt", {"energy": last, "step": 7})
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir())
+
+    out = tmp_path / "last"
+    digest = last_iterate.export_last_iterate(run, out)
+    exported, info = load_checkpoint(out)
+    assert info.weights_sha256 == digest
+    assert info.training["ebm"]["published"] == "last iterate, step 7"
+    for key, value in exported.energy.state_dict().items():
+        assert torch.equal(value, last[key]), key
+    for key, value in exported.vae.state_dict().items():
+        assert torch.equal(value, published.vae.state_dict()[key]), key
+    assert not (out / "calibration.json").exists()  # the run's calibration is for other weights
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir()) == before
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        last_iterate.export_last_iterate(run, out)
