@@ -32,7 +32,7 @@ from model.checkpoint import CheckpointInfo
 from model.device import select_device
 from model.metrics import auroc
 from model.vaebm import VAEBM
-from training.data import ImageShape, load_dataset, split
+from training.data import ImageShape, checkpoint_split, load_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 FIRST_TEST_INDEX = 5000  # the benchmark's in-distribution images are test images 5000-9999
@@ -90,11 +90,7 @@ def main() -> None:
         shape = ImageShape(*model.vae.image_shape[:2])
         inside = data_energies(model, load_dataset(test_spec, shape), batch=250)
         noise = data_energies(model, load_dataset(ood["uniform-noise"], shape), batch=250)
-        trained, _ = split(
-            load_dataset(train_spec, shape),
-            val_fraction=info.data.get("val_fraction", 0.05),
-            seed=info.data.get("split_seed", 0),
-        )
+        trained, _ = checkpoint_split(load_dataset(train_spec, shape), info.data)
         trained = data_energies(model, trained[: args.train_images], batch=250)
         return energy_tail(inside, noise, args.top, trained)
 

@@ -15,6 +15,7 @@ from PIL import Image
 from training.data import (
     DataError,
     ImageShape,
+    checkpoint_split,
     load_dataset,
     load_images,
     split,
@@ -424,6 +425,17 @@ def test_split_is_seeded() -> None:
     assert not np.array_equal(first[1], other[1])
     order = np.random.default_rng(1).permutation(50)
     np.testing.assert_array_equal(first[1], order[:15])
+
+
+def test_checkpoint_split_follows_the_recorded_split_or_the_training_defaults() -> None:
+    images = np.arange(200)
+    recorded = checkpoint_split(images, {"val_fraction": 0.1, "split_seed": 3})
+    for got, want in zip(recorded, split(images, val_fraction=0.1, seed=3), strict=True):
+        assert np.array_equal(got, want)
+    unrecorded = checkpoint_split(images, {})
+    for got, want in zip(unrecorded, split(images, val_fraction=0.05, seed=0), strict=True):
+        assert np.array_equal(got, want)
+    assert len(unrecorded[1]) == 10
 
 
 def test_split_with_zero_fraction_keeps_everything_for_training() -> None:

@@ -247,6 +247,15 @@ def split(images: np.ndarray, *, val_fraction: float, seed: int) -> tuple[np.nda
     return images[order[n_val:]], images[order[:n_val]]
 
 
+def checkpoint_split(images: np.ndarray, data: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(train, val)`` split of ``images`` that a checkpoint was trained with, from the
+    ``data`` record of its config (``val_fraction``, ``split_seed``; 0.05 and 0 where a
+    checkpoint does not record them, the training defaults)."""
+    return split(
+        images, val_fraction=data.get("val_fraction", 0.05), seed=data.get("split_seed", 0)
+    )
+
+
 def load_dataset(spec: str, shape: ImageShape) -> np.ndarray:
     """Load images from ``spec`` and convert them to ``shape``.
 

