@@ -21,6 +21,7 @@ import flip_cost  # noqa: E402
 import last_iterate  # noqa: E402
 import named_runs  # noqa: E402
 import numpy as np  # noqa: E402
+import same_vae  # noqa: E402
 import vaebm_vs_iwae  # noqa: E402
 
 
@@ -205,3 +206,19 @@ def test_last_iterate_exports_the_state_energy_with_the_runs_vae(tiny_checkpoint
     assert sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir()) == before
     with pytest.raises(FileExistsError, match="already holds a checkpoint"):
         last_iterate.export_last_iterate(run, out)
+
+
+def test_same_vae_finds_the_one_tensor_that_differs(tiny_checkpoint):
+    from model.checkpoint import load_checkpoint
+
+    first, _ = load_checkpoint(tiny_checkpoint)
+    second, _ = load_checkpoint(tiny_checkpoint)
+    torch.nn.init.normal_(second.energy.head.weight)  # the energy is not compared
+    assert set(same_vae.vae_differences(first, second).values()) == {0.0}
+
+    name, tensor = next(iter(second.vae.state_dict().items()))
+    with torch.no_grad():
+        tensor.view(-1)[0] += 0.25
+    differences = same_vae.vae_differences(first, second)
+    assert differences.pop(name) == pytest.approx(0.25)
+    assert set(differences.values()) == {0.0}
