@@ -8,6 +8,8 @@ for name in fashion-mnist mnist; do
   (
     export OMP_NUM_THREADS=1
     # Stage 1: the VAE (3000 steps of 64 images, Adamax, cosine-decayed lr, KL warm-up).
+    # This gives a VAE of the same quality, not the shipped one bit for bit: that needs the
+    # runs' history (docs/training.md, "Reproducing the VAE bit for bit").
     vaebm train vae --out "runs/$name" --name "$name" \
       --data "$shared/$name/train-images-idx3-ubyte.gz" \
       --steps 3000 --kl-warmup-steps 1000 --eval-every 500 --checkpoint-every 250 \
