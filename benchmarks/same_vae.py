@@ -2,9 +2,11 @@
 
 The shipped checkpoints say they were trained by our own ``vaebm train``
 (``benchmarks/train_shipped.sh``, history in ``docs/training.md``). Training on one CPU
-thread is deterministic, so retraining with the same commands should give the same VAE
-bit for bit; this checks it. It compares only the VAE (stage 1): the energy of a VAE
-stage is an untrained placeholder.
+thread is deterministic on one machine, so retraining there with the same commands should
+give the same VAE bit for bit; this checks it. Another CPU's kernels round differently,
+and the differences grow over training: there, expect the same quality, not the same
+bits. It compares only the VAE (stage 1): the energy of a VAE stage is an untrained
+placeholder.
 
     python benchmarks/same_vae.py runs/fmnist-seed0-vae-h32 checkpoints/fashion-mnist
 
