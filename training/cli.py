@@ -1,13 +1,15 @@
 """The ``vaebm`` command: train, sample, calibrate, evaluate, serve.
 
 Each subcommand's flags are generated from one dataclass of defaults, so a
-default is written once (in the dataclass) and the help text shows it.
+default is written once (in the dataclass), each flag's meaning once (in the
+dataclass's numpydoc ``Parameters`` section), and ``--help`` shows both.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import logging
 import sys
 import typing
@@ -15,6 +17,35 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 log = logging.getLogger("vaebm")
+
+
+def field_descriptions(cls: type) -> dict[str, str]:
+    """Each field's description from the class docstring's ``Parameters`` section.
+
+    The numpydoc layout scikit-learn uses: a line ``name : type``, then the
+    description indented below it. Raises ValueError for a field the section does not
+    describe, or for a description of a field the class does not have, so the help
+    text cannot fall behind the code.
+    """
+    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+    start = next((i + 2 for i, line in enumerate(lines) if line.strip() == "Parameters"), None)
+    descriptions: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in lines[start or len(lines) :]:
+        if line and not line.startswith(" "):
+            if " : " not in line:  # the next section's title
+                break
+            current = descriptions.setdefault(line.split(" : ")[0].strip(), [])
+        elif line.strip():
+            current.append(line.strip())
+    fields = {f.name for f in dataclasses.fields(cls)}
+    missing, unknown = fields - descriptions.keys(), descriptions.keys() - fields
+    if missing or unknown:
+        raise ValueError(
+            f"{cls.__name__}'s docstring: undocumented fields {sorted(missing)}, "
+            f"descriptions of unknown fields {sorted(unknown)}"
+        )
+    return {name: " ".join(words) for name, words in descriptions.items()}
 
 
 def add_dataclass_arguments(
@@ -26,6 +57,7 @@ def add_dataclass_arguments(
     stages with fields of the same name can share one command line.
     """
     hints = typing.get_type_hints(cls)
+    descriptions = field_descriptions(cls)
     for f in dataclasses.fields(cls):
         if f.name in exclude:
             continue
@@ -33,16 +65,20 @@ def add_dataclass_arguments(
         flag = "--" + dest.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = hints[f.name]
+        text = descriptions[f.name].replace("%", "%%")
         if kind is bool:
-            parser.add_argument(
-                flag, dest=dest, action=argparse.BooleanOptionalAction, default=default
+            action = parser.add_argument(
+                flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=text
             )
         elif typing.get_origin(kind) is tuple:
-            parser.add_argument(flag, dest=dest, type=int, nargs="+", default=list(default))
-        else:
-            parser.add_argument(
-                flag, dest=dest, type=kind, default=default, help=f"default: {default}"
+            action = parser.add_argument(
+                flag, dest=dest, type=int, nargs="+", default=list(default), help=text
             )
+        else:
+            action = parser.add_argument(flag, dest=dest, type=kind, default=default, help=text)
+        if "%(default)" not in action.help:  # Python 3.10's BooleanOptionalAction adds it
+            shown = " ".join(map(str, default)) if isinstance(default, tuple) else repr(default)
+            action.help += f" (default: {shown})".replace("%", "%%")
 
 
 def dataclass_from_args(cls: type, ns: argparse.Namespace, prefix: str = "", **overrides: Any):
@@ -163,6 +199,27 @@ def _sample(ns: argparse.Namespace) -> int:
     return 0
 
 
+DEVICE_HELP = "auto (CUDA when present, CPU otherwise), cpu, cuda or cuda:N (default: auto)"
+
+
+def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of a command that scores image sets (those of CalibrateArgs' kind)."""
+    parser.add_argument(
+        "--iwae-k",
+        type=int,
+        default=16,
+        help="importance samples of the IWAE bound behind iwae_bpd and vaebm_bpd "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="images scored at once (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the scores' sampling (default: %(default)s)"
+    )
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
 def _build_other_parsers(sub: argparse._SubParsersAction) -> None:
     from training.calibrate import CalibrateArgs
 
@@ -171,36 +228,41 @@ def _build_other_parsers(sub: argparse._SubParsersAction) -> None:
     cal.set_defaults(func=_calibrate)
 
     ev = sub.add_parser("evaluate", help="AUROC/AUPR/FPR95 of every score against OOD sets")
-    ev.add_argument("--checkpoint", required=True)
-    ev.add_argument("--in", dest="in_data", required=True, help="in-distribution data spec")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint directory to evaluate")
+    ev.add_argument(
+        "--in", dest="in_data", required=True, help="data spec of in-distribution test images"
+    )
     ev.add_argument(
         "--ood",
         action="append",
         required=True,
         metavar="NAME=PATH",
-        help="an OOD set; repeat for several",
+        help="an OOD set: its name in the report and its data spec; repeat for several",
     )
-    ev.add_argument("--out", default="runs/evaluate")
-    ev.add_argument("--iwae-k", type=int, default=16)
-    ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--device", default="auto")
+    ev.add_argument(
+        "--out",
+        default="runs/evaluate",
+        help="directory for metrics.json, report.md and the plots (default: %(default)s)",
+    )
+    add_scoring_arguments(ev)
     ev.set_defaults(func=_evaluate)
 
     sm = sub.add_parser("sample", help="write a PNG grid of samples")
-    sm.add_argument("--checkpoint", required=True)
-    sm.add_argument("-n", type=int, default=64)
-    sm.add_argument("--steps", type=int, default=16, help="Langevin steps")
+    sm.add_argument("--checkpoint", required=True, help="checkpoint directory to sample from")
+    sm.add_argument("-n", type=int, default=64, help="images in the grid (default: %(default)s)")
+    sm.add_argument(
+        "--steps", type=int, default=16, help="Langevin steps in noise space (default: %(default)s)"
+    )
     sm.add_argument(
         "--step-size",
         type=float,
         default=None,
         help="Langevin step size; default: the one the energy was trained with",
     )
-    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--seed", type=int, default=0, help="seed of the prior draws and the chains")
     sm.add_argument("--vae-only", action="store_true", help="VAE samples, no Langevin")
-    sm.add_argument("--out", default="samples.png")
-    sm.add_argument("--device", default="auto")
+    sm.add_argument("--out", default="samples.png", help="PNG file to write (default: %(default)s)")
+    sm.add_argument("--device", default="auto", help=DEVICE_HELP)
     sm.set_defaults(func=_sample)
 
     # Listed for --help only: main() hands `serve ...` to service.main before parsing.

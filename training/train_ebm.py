@@ -47,62 +47,144 @@ CORRUPTION_PAIRS = ("own", "all")
 
 @dataclass
 class EBMTrainArgs:
-    checkpoint: str = "runs/vae"  # a checkpoint with a trained VAE (stage 1)
-    out: str = ""  # where to write; empty = update the checkpoint in place
-    data: str = ""  # data source spec; empty = the one the VAE was trained on
+    """Settings of stage 2; each is a flag of ``vaebm train ebm``.
+
+    The defaults are the paper's where it has one; settings marked "not in the
+    paper" are this project's, each off by default and measured in
+    docs/ood-analysis.md (benchmarks/train_shipped.sh shows the shipped recipe).
+
+    Parameters
+    ----------
+    checkpoint : str
+        Checkpoint directory holding a trained VAE (stage 1).
+    out : str
+        Directory to write; empty updates --checkpoint in place.
+    data : str
+        Data source spec of the positives; empty means the one the VAE was trained
+        on, with the same validation split.
+    energy_hidden : int
+        Energy network channels at full resolution, doubled at each of its two
+        downsamplings.
+    energy_head : str
+        How the last feature map becomes E: "sum" (the paper's: sum-pool, then
+        linear, so E is a sum of local terms) or "global" (an MLP on the whole map;
+        the shipped checkpoints').
+    steps : int
+        Contrastive-divergence iterations in all, counting those of a resumed run.
+    batch_size : int
+        Positives per iteration, and as many Langevin negatives.
+    lr : float
+        Adam learning rate; on --resume it replaces the saved one (Adam's moments
+        are kept).
+    lr_decay_from : int
+        Not in the paper (its rate is constant): from this iteration on, the rate
+        falls linearly to 0 at --steps; 0 keeps it constant.
+    beta1 : float
+        Adam's first-moment decay (the paper's 0.99; the second is 0.999).
+    weight_decay : float
+        Adam's L2 weight decay.
+    alpha_s : float
+        Weight of the spectral-norm regulariser (the sum of the convolutions'
+        largest singular values); the paper uses 0.2 to 0.3 and no penalty on the
+        energy's magnitude.
+    langevin_steps : int
+        Langevin steps per negative, in the VAE's noise space (eps_z, eps_x).
+    step_size : float
+        Langevin step size eta in noise space: large enough that samples visibly move
+        from the VAE's, small enough that the chains stay stable.
+    cd_input : str
+        What of a negative the energy sees: "sample" (mu + sigma eps_x) or "mean"
+        (mu, the decoder's mean).
+    buffer_size : int
+        Persistent eps_z chains kept between iterations; 0 always starts from the
+        prior. eps_x is always fresh.
+    buffer_reuse : float
+        Probability of continuing a buffered chain instead of starting afresh, once
+        the ramp is over.
+    buffer_ramp_steps : int
+        Iterations over which the reuse probability ramps from 0 to --buffer-reuse.
+    grad_clip : float
+        Largest gradient norm; larger gradients are scaled down to it.
+    max_abs_energy : float
+        Divergence guard, in nats: training stops, keeping the last good
+        checkpoint, when |E| of a batch exceeds it.
+    flip : bool
+        Random horizontal flips of the positives (off for digits and text, which
+        have a handedness).
+    shuffled_negatives : float
+        Not in the paper: this share of each batch's negatives are training images
+        with their pixels shuffled, so the energy is also pushed up far from where
+        the chains go. 0 is the paper's CD. Tried: it ran away.
+    ema_decay : float
+        Not in the paper: publish an exponential moving average of the energy's
+        weights (this decay per iteration) instead of the last iterate, which swings
+        by hundreds of nats between checkpoints; 0 publishes the last iterate.
+    corruption_weight : float
+        Not in the paper (outlier exposure with a bounded loss): each iteration also
+        corrupts the positives (half pixel-shuffled, half blurred) and adds this
+        weight times mean softplus(E(x) - E(corrupted x)). Unlike a CD term it stops
+        rewarding the gap once it is a few nats wide, so it cannot run away. 0 is off.
+    corruption_blur_min : float
+        Smallest blur of the blurred half, as a Gaussian sigma in pixels; each image's
+        sigma is drawn log-uniformly between this and --corruption-blur-max.
+    corruption_blur_max : float
+        Largest blur; a wide range removes detail at every scale, up to an image
+        nearly flat at its own mean level.
+    corruption_pairs : str
+        Which clean images each corrupted one must outrank: "own" (its original) or
+        "all" (every clean image of the batch, a bounded AUROC surrogate). Tried:
+        "all" traded the constant pair for MNIST.
+    spectral_head : bool
+        Not in the paper: the spectral-norm regulariser also covers the head's linear
+        layers, otherwise kept small by weight decay alone. Tried: no AUROC moved by
+        more than 0.001.
+    negative_temperature : float
+        Not in the paper: fresh chains start from N(0, T^2 I) instead of the prior
+        (T = 1), so the negatives also cover noisier images and odder latents.
+    eval_every : int
+        Iterations between validation energies (data and negatives, nats) in the log.
+    checkpoint_every : int
+        Iterations between atomic saves of the checkpoint and the training state
+        (what --resume and the divergence guard fall back to).
+    eval_images : int
+        Validation images used for the periodic energies.
+    seed : int
+        Seed of the batches, the chains and the corruptions.
+    device : str
+        auto (CUDA when present, CPU otherwise), cpu, cuda or cuda:N.
+    resume : bool
+        Continue from the training state in --out (or --checkpoint) instead of
+        starting afresh.
+    """
+
+    checkpoint: str = "runs/vae"
+    out: str = ""
+    data: str = ""
     energy_hidden: int = 16
-    energy_head: str = "sum"  # "sum" of local terms or "global" (an MLP on the whole map)
+    energy_head: str = "sum"
     steps: int = 500
     batch_size: int = 32
-    lr: float = 5e-5  # on --resume this replaces the saved lr (Adam's moments are kept)
-    # Not in the paper (constant lr there): from this step on, the lr falls linearly to 0
-    # at --steps, so that a long run ends settled instead of drifting. 0 = constant lr.
+    lr: float = 5e-5
     lr_decay_from: int = 0
     beta1: float = 0.99
     weight_decay: float = 3e-5
-    alpha_s: float = 0.2  # weight of the spectral-norm regulariser
+    alpha_s: float = 0.2
     langevin_steps: int = 10
-    step_size: float = 1e-4  # Langevin eta in noise space
-    cd_input: str = "sample"  # "sample" (mu + sigma eps_x) or "mean" (mu) fed to E
-    buffer_size: int = 0  # persistent eps_z chains; 0 = always start from the prior
-    buffer_reuse: float = 0.6  # final reuse probability of the buffer
-    buffer_ramp_steps: int = 5000  # steps over which reuse ramps from 0 to buffer_reuse
+    step_size: float = 1e-4
+    cd_input: str = "sample"
+    buffer_size: int = 0
+    buffer_reuse: float = 0.6
+    buffer_ramp_steps: int = 5000
     grad_clip: float = 1.0
-    max_abs_energy: float = 1e5  # beyond this the energy has blown up: stop
-    flip: bool = False  # random horizontal flips of positives (off for digits/text)
-    # Not in the paper: this share of each batch's negatives are training images with
-    # their pixels shuffled (same intensities, no structure), so that the energy is also
-    # pushed up far from where the Langevin chains go. 0 = the paper's CD.
+    max_abs_energy: float = 1e5
+    flip: bool = False
     shuffled_negatives: float = 0.0
-    # Not in the paper: publish an exponential moving average of the energy's weights
-    # (this decay per step) instead of the last iterate, which oscillates by hundreds
-    # of nats between checkpoints without a magnitude penalty. 0 = the last iterate.
     ema_decay: float = 0.0
-    # Not in the paper (outlier exposure, with a bounded loss): each step also corrupts the
-    # positives (half pixel-shuffled: no structure; half blurred: no detail) and adds
-    # corruption_weight * mean softplus(E(x) - E(corrupted x)). That asks the energy to
-    # rank a corrupted image above its original but, unlike a CD term, stops rewarding
-    # the gap once it is a few nats wide, so it cannot run away as shuffled_negatives did.
     corruption_weight: float = 0.0
-    # The blurred half's sigma in pixels, drawn per image log-uniformly from this range
-    # (equal ends, the default: one fixed blur). A wide range removes detail at every
-    # scale, up to an image that is nearly flat at its own mean level.
     corruption_blur_min: float = 3.0
     corruption_blur_max: float = 3.0
-    # Which clean images each corrupted one must outrank: "own", its own original; "all",
-    # every clean image of the batch (a bounded AUROC surrogate: no real image should
-    # cost more than a structureless or detail-less one, so the clean images' high tail
-    # is pushed down and the corrupted images' low tail up). Tried: "all" traded the
-    # constant pair for MNIST and did not move the noise pair (docs/ood-analysis.md).
     corruption_pairs: str = "own"
-    # Not in the paper: the spectral-norm regulariser also covers the head's linear
-    # layers, which otherwise only weight decay keeps small (in the global head after
-    # 6000 iterations they add about 19 to the convs' 24). Tried once: no AUROC moved by
-    # more than 0.001, the penalty being weak against what CD gains from a sharp head.
     spectral_head: bool = False
-    # Not in the paper: fresh Langevin chains start from N(0, T^2 I) instead of the prior
-    # (T = 1), so the negatives also cover noisier images and odder latents than the VAE's
-    # typical samples, where the energy is otherwise never trained.
     negative_temperature: float = 1.0
     eval_every: int = 100
     checkpoint_every: int = 100

