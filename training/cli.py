@@ -276,7 +276,12 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vaebm", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="vaebm",
+        description="VAEBM out-of-distribution scores for images: train a checkpoint, "
+        "calibrate its thresholds, evaluate it against OOD sets, sample from it, serve it.",
+        epilog="`vaebm COMMAND --help` explains each command's flags.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
