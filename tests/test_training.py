@@ -635,6 +635,22 @@ def test_cli_help_explains_each_flag_and_shows_its_default(capsys):
     assert "(default: False)" in text
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["calibrate", "--checkpoint", "{missing}", "--data", "sklearn-digits"],
+        ["evaluate", "--checkpoint", "{missing}", "--in", "sklearn-digits", "--ood", "n=noise:4"],
+        ["sample", "--checkpoint", "{missing}", "-n", "2"],
+        ["train", "ebm", "--checkpoint", "{missing}", "--steps", "1"],
+    ],
+)
+def test_cli_reports_a_missing_checkpoint_in_one_line_with_exit_code_2(tmp_path, caplog, argv):
+    missing = tmp_path / "no-such-checkpoint"
+    code = main([a.format(missing=missing) for a in argv])
+    assert code == 2
+    assert f"checkpoint directory {missing} does not exist" in caplog.text
+
+
 # ----------------------------------------------------------------- runtime
 def test_batches_are_a_function_of_seed_and_step_and_split_between_ranks():
     single = DistContext(0, 1, torch.device("cpu"))

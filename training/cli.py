@@ -303,9 +303,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(ns.func(ns) or 0)
-    except (ValueError, OSError) as exc:  # bad input or files: one clear line, no traceback
+    except user_errors() as exc:  # bad input or files: one clear line, no traceback
         log.error("%s", exc)
         return 2
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean bad input or bad files, not a bug: reported in one line.
+
+    A function, so that ``except user_errors()`` imports the model (and torch) only
+    when an error is on its way, and ``vaebm --help`` stays quick.
+    """
+    from model.calibration_file import CalibrationError
+    from model.checkpoint import CheckpointError
+
+    return (ValueError, OSError, CheckpointError, CalibrationError)
 
 
 if __name__ == "__main__":
