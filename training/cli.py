@@ -202,24 +202,6 @@ def _sample(ns: argparse.Namespace) -> int:
 DEVICE_HELP = "auto (CUDA when present, CPU otherwise), cpu, cuda or cuda:N (default: auto)"
 
 
-def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of a command that scores image sets (those of CalibrateArgs' kind)."""
-    parser.add_argument(
-        "--iwae-k",
-        type=int,
-        default=16,
-        help="importance samples of the IWAE bound behind iwae_bpd and vaebm_bpd "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=64, help="images scored at once (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the scores' sampling (default: %(default)s)"
-    )
-    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-
-
 def _build_other_parsers(sub: argparse._SubParsersAction) -> None:
     from training.calibrate import CalibrateArgs
 
@@ -244,7 +226,20 @@ def _build_other_parsers(sub: argparse._SubParsersAction) -> None:
         default="runs/evaluate",
         help="directory for metrics.json, report.md and the plots (default: %(default)s)",
     )
-    add_scoring_arguments(ev)
+    ev.add_argument(
+        "--iwae-k",
+        type=int,
+        default=16,
+        help="importance samples of the IWAE bound behind iwae_bpd and vaebm_bpd "
+        "(default: %(default)s)",
+    )
+    ev.add_argument(
+        "--batch-size", type=int, default=64, help="images scored at once (default: %(default)s)"
+    )
+    ev.add_argument(
+        "--seed", type=int, default=0, help="seed of the scores' sampling (default: %(default)s)"
+    )
+    ev.add_argument("--device", default="auto", help=DEVICE_HELP)
     ev.set_defaults(func=_evaluate)
 
     sm = sub.add_parser("sample", help="write a PNG grid of samples")
@@ -289,6 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean bad input or bad files, not a bug: reported in one line.
+
+    A function, so that ``except user_errors()`` imports the model (and torch) only
+    when an error is on its way, and ``vaebm --help`` stays quick.
+    """
+    from model.calibration_file import CalibrationError
+    from model.checkpoint import CheckpointError
+
+    return (ValueError, OSError, CheckpointError, CalibrationError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:  # the service parses its own flags (--host, --port, ...)
@@ -306,18 +313,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except user_errors() as exc:  # bad input or files: one clear line, no traceback
         log.error("%s", exc)
         return 2
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """The errors that mean bad input or bad files, not a bug: reported in one line.
-
-    A function, so that ``except user_errors()`` imports the model (and torch) only
-    when an error is on its way, and ``vaebm --help`` stays quick.
-    """
-    from model.calibration_file import CalibrationError
-    from model.checkpoint import CheckpointError
-
-    return (ValueError, OSError, CheckpointError, CalibrationError)
 
 
 if __name__ == "__main__":
