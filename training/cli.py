@@ -76,7 +76,7 @@ def add_dataclass_arguments(
             )
         else:
             action = parser.add_argument(flag, dest=dest, type=kind, default=default, help=text)
-        if "%(default)" not in action.help:  # Python 3.10's BooleanOptionalAction adds it
+        if "%(default)" not in action.help:  # older BooleanOptionalActions add it themselves
             shown = " ".join(map(str, default)) if isinstance(default, tuple) else repr(default)
             action.help += f" (default: {shown})".replace("%", "%%")
 

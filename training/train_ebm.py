@@ -49,9 +49,10 @@ CORRUPTION_PAIRS = ("own", "all")
 class EBMTrainArgs:
     """Settings of stage 2; each is a flag of ``vaebm train ebm``.
 
-    The defaults are the paper's where it has one; settings marked "not in the
-    paper" are this project's, each off by default and measured in
-    docs/ood-analysis.md (benchmarks/train_shipped.sh shows the shipped recipe).
+    The defaults are the paper's where it has one, except that flips are off (digits
+    have a handedness); settings marked "not in the paper" are this project's, each
+    off by default and measured in docs/ood-analysis.md (benchmarks/train_shipped.sh
+    shows the shipped recipe).
 
     Parameters
     ----------
