@@ -507,6 +507,8 @@ def environment() -> dict[str, Any]:
     import datetime
     import platform
 
+    import torch
+
     def version(module: str) -> str | None:
         try:
             return __import__(module).__version__
@@ -518,7 +520,7 @@ def environment() -> dict[str, Any]:
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        commit = None
+        commit = os.environ.get("GIT_COMMIT")  # a copy of the tree without .git (device runs)
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
@@ -529,6 +531,8 @@ def environment() -> dict[str, Any]:
         "fastapi": version("fastapi"),
         "uvicorn": version("uvicorn"),
         "httpx": version("httpx"),
+        "uvloop": version("uvloop"),  # uvicorn's event loop when installed, else asyncio's
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "git_commit": commit,
     }
 

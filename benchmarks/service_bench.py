@@ -251,6 +251,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "distinct_images": len(pngs),
             "png_bytes_mean": sum(map(len, pngs)) / len(pngs),
             "iwae_k": args.iwae_k or ckpt["calibration_iwae_k"],
+            "device": args.device,
         },
         "bare": {},
         "score": {},
@@ -394,13 +395,18 @@ def markdown(results: dict[str, Any]) -> str:
             f"model busy {100 * s['model_busy_fraction']:.0f}%"
         )
 
+    device = st.get("device", "cpu")
+    if device != "cpu":
+        device = f"{device} ({env.get('gpu')})"
+    loop = f"uvloop {env['uvloop']}" if env.get("uvloop") else "asyncio"  # uvicorn's pick
     lines = [
         f"Run {env['date_utc']} at commit `{env['git_commit']}` on {env['cpus']} CPUs "
         f"(load average at start {env['load_average_1_5_15']}, niceness {env['niceness']}); "
+        f"model on {device}; "
         f"checkpoint `{ckpt['path']}` (`{ckpt['name']}`, weights "
         f"`{str(ckpt['weights_sha256'])[:16]}...`), IWAE k = {st['iwae_k']}; "
         f"torch {env['torch']}, fastapi {env['fastapi']}, uvicorn {env['uvicorn']}, "
-        f"httpx {env['httpx']}.",
+        f"httpx {env['httpx']}; servers' event loop: {loop}.",
         "",
         "```bash",
         results["command"],
