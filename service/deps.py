@@ -1,4 +1,9 @@
-"""Dependencies of the routes, as ``Annotated`` aliases for short signatures."""
+"""Dependencies of the routes, as ``Annotated`` aliases for short signatures.
+
+All are ``async def``: they only read ``app.state``, and FastAPI runs a plain ``def``
+dependency on a worker thread, a hop that cost more than the lookup itself (measured by
+``benchmarks/service_overhead.py``).
+"""
 
 from __future__ import annotations
 
@@ -13,15 +18,15 @@ from service.runtime import ModelRuntime
 from service.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
-def get_runtime(request: Request) -> ModelRuntime:
+async def get_runtime(request: Request) -> ModelRuntime:
     """The loaded model; 503 while it is loading or the service is shutting down."""
     runtime = request.app.state.runtime
     if runtime is None or not request.app.state.ready:
@@ -40,7 +45,7 @@ MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 RuntimeDep = Annotated[ModelRuntime, Depends(get_runtime)]
 
 
-def get_references(request: Request, runtime: RuntimeDep) -> ReferenceStore:
+async def get_references(request: Request, runtime: RuntimeDep) -> ReferenceStore:
     """The reference sets of ``/evaluate`` (503 until the model is ready)."""
     return request.app.state.references
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+
 import numpy as np
 from fastapi import UploadFile
 from starlette.concurrency import run_in_threadpool
@@ -11,11 +14,11 @@ from service.imaging import ImageInfo, decode_image
 from service.runtime import ModelRuntime
 from service.settings import Settings
 
+Decoded = tuple[np.ndarray, ImageInfo]  # uint8 (C, H, W) in the model's shape, and its report
 
-async def decode_upload(
-    upload: UploadFile, settings: Settings, runtime: ModelRuntime
-) -> tuple[np.ndarray, ImageInfo]:
-    """Decode one uploaded file to uint8 (C, H, W) in the model's shape.
+
+async def decode_upload(upload: UploadFile, settings: Settings, runtime: ModelRuntime) -> Decoded:
+    """Decode one uploaded file to uint8 (C, H, W) in the model's shape, on a worker thread.
 
     Raises
     ------
@@ -23,26 +26,49 @@ async def decode_upload(
         413, 415 or 422 as :func:`service.imaging.decode_image` decides.
     """
     data = await upload.read()
+    return await run_in_threadpool(_decode, data, upload.content_type, settings, runtime)
+
+
+async def decode_uploads(
+    uploads: list[UploadFile], settings: Settings, runtime: ModelRuntime
+) -> list[Decoded | ProblemError]:
+    """As :func:`decode_upload` for many files, in order, a bad file as its ProblemError.
+
+    The files are decoded in at most one worker-thread hop per CPU core, each hop taking
+    a contiguous share: a hop per file cost more than decoding a small image
+    (``benchmarks/service_overhead.py``), while one hop per core still decodes large
+    images in parallel.
+    """
+    contents = [(await upload.read(), upload.content_type) for upload in uploads]
+
+    def decode_share(share: list[tuple[bytes, str | None]]) -> list[Decoded | ProblemError]:
+        out: list[Decoded | ProblemError] = []
+        for data, content_type in share:
+            try:
+                out.append(_decode(data, content_type, settings, runtime))
+            except ProblemError as exc:
+                out.append(exc)
+        return out
+
+    hops = max(1, min(len(contents), os.cpu_count() or 1))
+    bounds = [len(contents) * i // hops for i in range(hops + 1)]
+    shares = [contents[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    decoded = await asyncio.gather(*(run_in_threadpool(decode_share, s) for s in shares))
+    return [outcome for share in decoded for outcome in share]
+
+
+def _decode(
+    data: bytes, content_type: str | None, settings: Settings, runtime: ModelRuntime
+) -> Decoded:
     channels, size, _ = runtime.image_shape
-    return await run_in_threadpool(
-        decode_image,
+    return decode_image(
         data,
         channels=channels,
         size=size,
         max_pixels=settings.max_image_pixels,
         resize=settings.resize,
-        content_type=upload.content_type,
+        content_type=content_type,
     )
-
-
-async def decode_or_problem(
-    upload: UploadFile, settings: Settings, runtime: ModelRuntime
-) -> tuple[np.ndarray, ImageInfo] | ProblemError:
-    """As :func:`decode_upload`, returning the problem instead of raising it."""
-    try:
-        return await decode_upload(upload, settings, runtime)
-    except ProblemError as exc:
-        return exc
 
 
 def check_file_count(count: int, settings: Settings, field: str) -> None:

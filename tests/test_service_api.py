@@ -394,7 +394,11 @@ def test_lying_content_length(tiny_service_client: TestClient) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_batch_keeps_order_and_isolates_bad_images(tiny_service_client: TestClient) -> None:
+@pytest.mark.parametrize("cores", [1, 3, 64])  # decoded in min(files, cores) worker hops
+def test_batch_keeps_order_and_isolates_bad_images(
+    tiny_service_client: TestClient, monkeypatch: pytest.MonkeyPatch, cores: int
+) -> None:
+    monkeypatch.setattr("service.uploads.os.cpu_count", lambda: cores)
     files = [
         ("files", ("0.png", png(10), "image/png")),
         ("files", ("1.txt", b"not an image", "text/plain")),

@@ -6,7 +6,6 @@ OOD as the positive class and higher score = more OOD.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 import numpy as np
@@ -27,7 +26,7 @@ from service.schemas import (
     ScoreMetrics,
 )
 from service.settings import CALIBRATION_REFERENCE, Settings
-from service.uploads import check_file_count, decode_or_problem
+from service.uploads import check_file_count, decode_uploads
 
 router = APIRouter(tags=["evaluate"])
 
@@ -43,7 +42,7 @@ async def score_uploads(
     uploads: list[UploadFile], field: str, settings: Settings, runtime: ModelRuntime
 ) -> dict[str, np.ndarray]:
     """All scores of uploaded images; the first bad image fails the request (its problem)."""
-    decoded = await asyncio.gather(*(decode_or_problem(u, settings, runtime) for u in uploads))
+    decoded = await decode_uploads(uploads, settings, runtime)
     images = []
     for i, (upload, outcome) in enumerate(zip(uploads, decoded, strict=True)):
         if isinstance(outcome, ProblemError):

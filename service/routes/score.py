@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 from dataclasses import asdict
 from typing import Annotated
@@ -26,7 +25,7 @@ from service.schemas import (
     ScoreResponse,
     ScoreResult,
 )
-from service.uploads import check_file_count, decode_or_problem, decode_upload
+from service.uploads import check_file_count, decode_upload, decode_uploads
 
 router = APIRouter(tags=["score"])
 
@@ -120,7 +119,7 @@ async def score_batch(
     """One result per image, in upload order; a bad image gets its own problem entry."""
     check_file_count(len(files), settings, "files")
     score_name = decision_score(runtime, score)
-    decoded = await asyncio.gather(*(decode_or_problem(f, settings, runtime) for f in files))
+    decoded = await decode_uploads(files, settings, runtime)
     good = [i for i, d in enumerate(decoded) if not isinstance(d, ProblemError)]
     scored = await runtime.batcher.submit_many([decoded[i][0] for i in good])  # type: ignore[index]
     by_index = dict(zip(good, scored, strict=True))
