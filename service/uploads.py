@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 
 import numpy as np
@@ -52,7 +53,7 @@ async def decode_uploads(
 
     hops = max(1, min(len(contents), os.cpu_count() or 1))
     bounds = [len(contents) * i // hops for i in range(hops + 1)]
-    shares = [contents[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    shares = [contents[a:b] for a, b in itertools.pairwise(bounds)]
     decoded = await asyncio.gather(*(run_in_threadpool(decode_share, s) for s in shares))
     return [outcome for share in decoded for outcome in share]
 
