@@ -32,11 +32,10 @@ timeout 120 python3 benchmarks/cuda_check.py --checkpoint checkpoints/fashion-mn
   --data "$data/t10k-images-idx3-ubyte.gz@0:1000" --out "$out/cuda-check.json" \
   > "$out/cuda-check.log" 2>&1; echo "cuda_check rc $?"; tail -n 5 "$out/cuda-check.log"
 echo "== EBM training speed, the shipped recipe's first stage, 90 s $(date +%T)"
+source benchmarks/shipped_ebm_flags.sh
 timeout 90 python3 -m training.cli train ebm --checkpoint checkpoints/fashion-mnist \
-  --out /tmp/ebm-cuda --data "$data/train-images-idx3-ubyte.gz" --energy-head global \
-  --batch-size 32 --langevin-steps 10 --step-size 2e-3 --cd-input sample --buffer-size 10000 \
-  --buffer-ramp-steps 400 --eval-every 250 --checkpoint-every 50 --eval-images 500 \
-  --ema-decay 0.999 --corruption-weight 1 --lr 1e-4 --steps 6000 --device cuda \
+  --out /tmp/ebm-cuda --data "$data/train-images-idx3-ubyte.gz" "${SHIPPED_EBM_FLAGS[@]}" \
+  --lr 1e-4 --steps 6000 --device cuda \
   > "$out/ebm-cuda.log" 2>&1; echo "train rc $? (124: stopped by the 90 s limit, as planned)"
 python3 -c "import torch; s = torch.load('/tmp/ebm-cuda/train_state_ebm.pt', weights_only=True); print('ebm steps', s['step'], 'seconds', s['seconds'], 'it/s', s['step'] / s['seconds'])"
 tr '\r' '\n' < "$out/ebm-cuda.log" | grep -v '^$' | grep -v "ebm:" | tail -n 8

@@ -72,6 +72,10 @@ def bare_app() -> FastAPI:
     return app
 
 
+# this script serving only the bare app, on the port ServerProcess picks
+BARE_COMMAND = [sys.executable, str(Path(__file__).resolve()), "--serve-bare", "{port}"]
+
+
 def serve_bare(port: int) -> None:
     """uvicorn with the service's own server options (service.main), minus its logging."""
     import uvicorn
@@ -257,8 +261,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "score": {},
     }
     print(f"bare FastAPI endpoint ({len(pngs)} distinct PNGs)", flush=True)
-    bare_cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-bare", "{port}"]
-    with ServerProcess(bare_cmd, cwd=REPO, log_path=logs / "bare.log", ready_path="/healthz") as s:
+    bare = ServerProcess(BARE_COMMAND, cwd=REPO, log_path=logs / "bare.log", ready_path="/healthz")
+    with bare as s:
         results["bare_rss_kib"] = s.rss_kib()
         for c in args.concurrency:
             results["bare"][str(c)] = http_point(
@@ -395,10 +399,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"model busy {100 * s['model_busy_fraction']:.0f}%"
         )
 
-    device = st.get("device", "cpu")
-    if device != "cpu":
-        device = f"{device} ({env.get('gpu')})"
-    loop = f"uvloop {env['uvloop']}" if env.get("uvloop") else "asyncio"  # uvicorn's pick
+    device = st["device"] if st["device"] == "cpu" else f"{st['device']} ({env['gpu']})"
+    loop = f"uvloop {env['uvloop']}" if env["uvloop"] else "asyncio"  # uvicorn's pick
     lines = [
         f"Run {env['date_utc']} at commit `{env['git_commit']}` on {env['cpus']} CPUs "
         f"(load average at start {env['load_average_1_5_15']}, niceness {env['niceness']}); "

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 from http_load import ServerProcess, checkpoint_summary, environment, png_images, uploads
-from service_bench import REPO, http_point
+from service_bench import BARE_COMMAND, REPO, http_point
 
 from model.checkpoint import atomic_write_json
 
@@ -70,13 +70,14 @@ def main() -> None:
     common = {"seconds": args.seconds, "max_requests": args.max_requests}
     logs = Path(args.log_dir)
     servers = {
-        "bare": [sys.executable, str(REPO / "benchmarks" / "service_bench.py"), "--serve-bare"],
+        "bare": BARE_COMMAND,
         "service_free_model": [
             sys.executable,
             str(Path(__file__).resolve()),
             "--checkpoint",
             str(args.checkpoint),
             "--serve-free-model",
+            "{port}",
         ],
     }
     results: dict[str, Any] = {"environment": environment(), "checkpoint": ckpt}
@@ -85,7 +86,7 @@ def main() -> None:
         ready = "/healthz" if name == "bare" else "/readyz"
         env = {"VAEBM_LOG_LEVEL": "INFO"}
         with ServerProcess(
-            [*command, "{port}"], env=env, cwd=REPO, log_path=logs / f"{name}.log", ready_path=ready
+            command, env=env, cwd=REPO, log_path=logs / f"{name}.log", ready_path=ready
         ) as server:
             results[name] = {
                 str(c): http_point(
