@@ -6,8 +6,8 @@ Steps, in order:
    GIF and TIFF; another image format or a non-image media type -> 415;
 2. read the header only and check ``width * height`` against the pixel limit -> 413,
    before any pixel is decoded (decompression bombs);
-3. decode the first frame (GIF, TIFF), apply the EXIF orientation; truncated or
-   corrupt data -> 422;
+3. decode the first frame (GIF, TIFF, animated PNG and WebP; the report counts the
+   frames), apply the EXIF orientation; truncated or corrupt data -> 422;
 4. convert the mode to the model's channels: alpha and palette transparency are
    composited on black, 16-bit and float data scaled to 8 bits, CMYK/YCbCr/LAB/HSV
    converted to RGB, RGB to grayscale with ITU-R 601-2 luma (as ``training.data`` does);
@@ -44,6 +44,7 @@ class ImageInfo:
     converted: bool  # mode changed to reach the model's channels
     resized: bool
     exif_transposed: bool
+    frames: int  # frames in the file; only the first is scored
     conversion: str  # human-readable steps, e.g. "RGBA composited on black -> L"
 
 
@@ -213,8 +214,11 @@ def decode_image(
     original_mode = img.mode
     original_width, original_height = img.size  # as stored, before the EXIF orientation
     _check_pixels(img, max_pixels)
+    frames = int(getattr(img, "n_frames", 1))
     img, transposed = _load_first_frame(img)
     img, steps = _normalise_mode(img)
+    if frames > 1:
+        steps.insert(0, f"first of {frames} frames")
     if channels == 1:  # fewer channels first, then resize one plane (training.data's order)
         img, more = _to_channels(img, channels)
         img, resized = _resize(img, size, resize)
@@ -234,6 +238,7 @@ def decode_image(
         converted=original_mode != ("L" if channels == 1 else "RGB"),
         resized=resized,
         exif_transposed=transposed,
+        frames=frames,
         conversion="; ".join(steps) if steps else "none",
     )
     return np.ascontiguousarray(arr), info

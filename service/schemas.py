@@ -59,6 +59,7 @@ class ImageReport(BaseModel):
     converted: bool
     resized: bool
     exif_transposed: bool
+    frames: int = Field(description="frames in the file (GIF, TIFF, APNG, WebP); the first is used")
     conversion: str
 
 

@@ -306,8 +306,8 @@ def image_cases() -> list[BadInput]:
         _image_case(
             "animated-gif", "a 3-frame animated GIF (the first frame is scored)",
             "anim.gif", animated_gif(), "image/gif", 200,
-            image={"format": "GIF", "converted": True},
-            conversion=("-> L",),
+            image={"format": "GIF", "converted": True, "frames": 3},
+            conversion=("first of 3 frames", "-> L"),
         ),
         _image_case(
             "palette-png-transparency", "a palette PNG with a transparent colour",

@@ -177,6 +177,7 @@ def test_score_one_image(tiny_service_client: TestClient, tiny_sha256: str) -> N
         "converted": False,
         "resized": False,
         "exif_transposed": False,
+        "frames": 1,
         "conversion": "none",
     }
     assert body["model"] == {"name": "tiny", "version": "0.1.0", "weights_sha256": tiny_sha256}

@@ -73,8 +73,14 @@ def test_rgb_model_gets_three_channels_from_gray() -> None:
 def test_gif_first_frame_is_used() -> None:
     frames = [Image.new("L", (28, 28), 10), Image.new("L", (28, 28), 250)]
     data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
-    array, _ = decode(data)
+    array, info = decode(data)
     assert abs(int(array.mean()) - 10) <= 1
+    assert info.frames == 2 and info.conversion.startswith("first of 2 frames; ")
+
+
+def test_single_frame_is_not_reported_as_a_selection() -> None:
+    _, info = decode(encode(Image.new("L", (28, 28), 10), "GIF"))
+    assert info.frames == 1 and "frames" not in info.conversion
 
 
 def test_exif_orientation_is_applied() -> None:
