@@ -260,7 +260,7 @@ def test_spectral_norm_sum_adds_the_heads_linear_layers_when_asked(head):
             linear.weight.normal_(0, 0.5)  # the last layer starts at zero
         convs_only = energy.spectral_norm_sum(power_iterations=300)
         with_head = energy.spectral_norm_sum(power_iterations=300, head=True)
-    true_head = sum(float(torch.linalg.matrix_norm(m.weight, ord=2)) for m in linears)
+        true_head = sum(float(torch.linalg.matrix_norm(m.weight, ord=2)) for m in linears)
     assert true_head > 0
     assert float(with_head - convs_only) == pytest.approx(true_head, rel=1e-4)
     # Its gradient reaches the head (and only through the penalty, not through E).
