@@ -7,7 +7,8 @@ Steps, in order:
 2. read the header only and check ``width * height`` against the pixel limit -> 413,
    before any pixel is decoded (decompression bombs);
 3. decode the first frame (GIF, TIFF, animated PNG and WebP; the report counts the
-   frames), apply the EXIF orientation; truncated or corrupt data -> 422;
+   frames, or says the frames after the first are unreadable), apply the EXIF
+   orientation; truncated or corrupt data -> 422;
 4. convert the mode to the model's channels: alpha and palette transparency are
    composited on black, 16-bit and float data scaled to 8 bits, CMYK/YCbCr/LAB/HSV
    converted to RGB, RGB to grayscale with ITU-R 601-2 luma (as ``training.data`` does);
@@ -31,6 +32,8 @@ SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 _GENERIC_MEDIA_TYPES = ("", "application/octet-stream", "binary/octet-stream")
 _ALPHA_MODES = ("LA", "La", "RGBA", "RGBa", "PA")
 _SIXTEEN_BIT_MAX = 65535.0
+# Formats whose frame count means reading every frame (PNG and WebP state it in the header)
+_SCANNED_FRAME_FORMATS = ("GIF", "TIFF")
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class ImageInfo:
     converted: bool  # mode changed to reach the model's channels
     resized: bool
     exif_transposed: bool
-    frames: int  # frames in the file; only the first is scored
+    frames: int | None  # frames in the file, None if those after the first are unreadable
     conversion: str  # human-readable steps, e.g. "RGBA composited on black -> L"
 
 
@@ -114,6 +117,27 @@ def _check_pixels(img: Image.Image, max_pixels: int) -> None:
         raise undecodable(f"the image has no pixels ({width}x{height})")
 
 
+def _count_frames(img: Image.Image, data: bytes) -> int | None:
+    """Frames in the file; None when the frames after the first cannot be read.
+
+    GIF and TIFF are counted by reading every frame, on a handle of their own: a corrupt
+    later frame must neither fail the first one nor leave ``img`` in a half-seeked state.
+    """
+    if img.format not in _SCANNED_FRAME_FORMATS:
+        return int(getattr(img, "n_frames", 1))
+    try:
+        with Image.open(io.BytesIO(data), formats=(img.format,)) as other:
+            return int(getattr(other, "n_frames", 1))
+    except Exception:  # any parsing error in a later frame (IndexError, struct.error, ...)
+        return None
+
+
+def _frames_step(frames: int | None) -> list[str]:
+    if frames is None:
+        return ["first frame (the frames after it are unreadable)"]
+    return [f"first of {frames} frames"] if frames > 1 else []
+
+
 def _load_first_frame(img: Image.Image) -> tuple[Image.Image, bool]:
     """Decode the first frame and apply the EXIF orientation; returns (image, transposed)."""
     try:
@@ -121,7 +145,7 @@ def _load_first_frame(img: Image.Image) -> tuple[Image.Image, bool]:
         img.load()
         orientation = img.getexif().get(0x0112, 1)
         transposed = ImageOps.exif_transpose(img)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # decoders raise many types on corrupt data (OverflowError, ...)
         raise undecodable(f"the {img.format} data is truncated or corrupt: {exc}") from exc
     return (transposed if transposed is not None else img), orientation not in (1, None)
 
@@ -214,11 +238,10 @@ def decode_image(
     original_mode = img.mode
     original_width, original_height = img.size  # as stored, before the EXIF orientation
     _check_pixels(img, max_pixels)
-    frames = int(getattr(img, "n_frames", 1))
+    frames = _count_frames(img, data)
     img, transposed = _load_first_frame(img)
-    img, steps = _normalise_mode(img)
-    if frames > 1:
-        steps.insert(0, f"first of {frames} frames")
+    img, mode_steps = _normalise_mode(img)
+    steps = _frames_step(frames) + mode_steps
     if channels == 1:  # fewer channels first, then resize one plane (training.data's order)
         img, more = _to_channels(img, channels)
         img, resized = _resize(img, size, resize)

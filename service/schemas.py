@@ -59,7 +59,10 @@ class ImageReport(BaseModel):
     converted: bool
     resized: bool
     exif_transposed: bool
-    frames: int = Field(description="frames in the file (GIF, TIFF, APNG, WebP); the first is used")
+    frames: int | None = Field(
+        description="frames in the file (GIF, TIFF, APNG, WebP), the first is used; "
+        "null when the frames after the first are unreadable"
+    )
     conversion: str
 
 

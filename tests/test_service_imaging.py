@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -81,6 +83,58 @@ def test_gif_first_frame_is_used() -> None:
 def test_single_frame_is_not_reported_as_a_selection() -> None:
     _, info = decode(encode(Image.new("L", (28, 28), 10), "GIF"))
     assert info.frames == 1 and "frames" not in info.conversion
+
+
+def multi_frame(fmt: str, frames: list[Image.Image]) -> bytes:
+    return encode(frames[0], fmt, save_all=True, append_images=frames[1:])
+
+
+def test_a_gif_whose_later_frames_are_cut_off_is_scored_on_its_first() -> None:
+    levels = (20, 120, 240)
+    data = multi_frame("GIF", [Image.new("L", (28, 28), v) for v in levels])
+    outcomes = []
+    for cut in range(len(data) - 1, 0, -1):
+        try:
+            outcomes.append(decode(data[:cut]))
+        except ProblemError:
+            continue
+    unreadable = [(array, info) for array, info in outcomes if info.frames is None]
+    assert unreadable, "some cut should leave the first frame readable and the count not"
+    for array, info in unreadable:
+        assert np.all(array == levels[0])
+        assert info.conversion.startswith("first frame (the frames after it are unreadable)")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's notes on corrupt metadata
+@pytest.mark.parametrize("fmt", ["GIF", "TIFF", "PNG", "WEBP"])
+def test_cut_or_corrupted_multi_frame_files_give_a_result_or_a_problem(fmt: str) -> None:
+    # Pillow raises IndexError, TypeError, KeyError, struct.error, OverflowError... on
+    # such files; each must become a ProblemError (4xx), never escape as a 500.
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)) for _ in range(4)]
+    data = np.frombuffer(multi_frame(fmt, frames), dtype=np.uint8)
+    step = max(1, len(data) // 200)
+    variants = [data[:cut].tobytes() for cut in range(20, len(data), step)]
+    for _ in range(len(variants)):
+        flips = (rng.random(len(data)) < 0.01) * rng.integers(1, 255, len(data))
+        variants.append((data ^ flips.astype(np.uint8)).tobytes())
+    for variant in variants:
+        with contextlib.suppress(ProblemError):
+            decode(variant, max_pixels=10_000_000)
+
+
+def test_a_tiff_whose_strip_offset_overflows_is_a_problem() -> None:
+    # Found by fuzzing: the StripOffsets entry retyped to LONG8 (8 bytes, so read from the
+    # offset its 4-byte field names) with a top byte of 0x81; seeking there raises
+    # OverflowError inside Pillow's decoder, which used to escape as a 500.
+    data = bytearray(encode(Image.new("L", (28, 28), 50), "TIFF"))
+    entry = data.find(b"\x11\x01\x04\x00\x01\x00\x00\x00")  # tag 273, LONG, count 1
+    data[entry + 2] = 16  # LONG8
+    (where,) = struct.unpack_from("<I", data, entry + 8)
+    data[where + 7] = 0x81
+    exc = problem_of(bytes(data))
+    assert (exc.status, exc.type) == (422, "urn:vaebm-ood:problem:undecodable-image")
+    assert exc.detail.startswith("the TIFF data is truncated or corrupt")
 
 
 def test_exif_orientation_is_applied() -> None:
