@@ -66,6 +66,17 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.max_batch_files == 256
 
 
+def test_every_setting_is_documented() -> None:
+    """docs/deployment.md's settings table names every environment variable the service reads."""
+    documented = (REPO / "docs" / "deployment.md").read_text()
+    missing = [
+        f"VAEBM_{name.upper()}"
+        for name in Settings.model_fields
+        if f"`VAEBM_{name.upper()}`" not in documented
+    ]
+    assert not missing, f"settings missing from docs/deployment.md: {missing}"
+
+
 def test_command_line_overrides_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VAEBM_PORT", "9001")
     monkeypatch.setenv("VAEBM_DEVICE", "cuda")
