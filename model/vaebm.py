@@ -102,10 +102,25 @@ class VAEBM(nn.Module):
         Returns (n, C, H, W) on [-1, 1]. ``steps=0`` gives the VAE's own samples
         from the same noise, for comparison. The same seed gives the same images.
         """
+        noise, generator = self.start_chains(n, seed)
+        noise = self.langevin(noise, steps=steps, step_size=step_size, generator=generator)
+        return self.chain_images(noise)
+
+    def start_chains(
+        self, n: int, seed: int | None = None
+    ) -> tuple[NoiseState, torch.Generator | None]:
+        """The first half of :meth:`sample`: n chains at the prior and their generator.
+
+        Running ``langevin`` on them with this generator, in one call or in several of
+        fewer steps, then :meth:`chain_images`, gives exactly :meth:`sample`'s images: a
+        caller can stop between steps, or let other work run there.
+        """
         generator = _generator(self.device, seed)
-        noise = self.langevin(
-            self.prior_noise(n, generator), steps=steps, step_size=step_size, generator=generator
-        )
+        return self.prior_noise(n, generator), generator
+
+    @torch.no_grad()
+    def chain_images(self, noise: NoiseState) -> torch.Tensor:
+        """The last half of :meth:`sample`: the decoder mean of the chains, on [-1, 1]."""
         _, mean = self.decode(noise)
         return mean.clamp(-1, 1)
 

@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from service.auth import ApiKeyMiddleware
 from service.errors import ProblemError, install_error_handlers
 from service.metrics import ServiceMetrics
-from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from service.middleware import BodyLimitsMiddleware, RequestContextMiddleware
 from service.references import ReferenceStore
 from service.routes import api_router
 from service.runtime import ModelRuntime, StartupError, attach_batcher, load_runtime, warm_up
@@ -132,6 +132,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=_package_version(),
         lifespan=lifespan,
         redoc_url=None,
+        # A redirect to the slash-less path would build its Location from the client's
+        # Host header (and re-send an upload there); an unknown path is a plain 404.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
@@ -141,10 +144,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.stopping = False
     app.state.warmup_seconds = None
     app.state.startup_error = None
+    app.state.samples_running = 0
     install_error_handlers(app)
     app.include_router(api_router)
     # add_middleware wraps: the last added runs first (outermost).
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        BodyLimitsMiddleware,
+        max_bytes=settings.max_upload_bytes,
+        timeout_s=settings.body_timeout_s,
+    )
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
     app.add_middleware(RequestContextMiddleware)
     return app

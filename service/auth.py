@@ -30,7 +30,11 @@ _HOW = "send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
 def credentials_error(
     authorization: str | None, api_key: str | None, keys: Sequence[SecretStr]
 ) -> str | None:
-    """None when the request carries a valid key, else what is wrong (for ``detail``)."""
+    """None when the request carries a valid key, else what is wrong (for ``detail``).
+
+    Every key the request presents must be valid: a wrong bearer token beside a right
+    ``X-API-Key`` is refused, as a non-Bearer ``Authorization`` header beside one is.
+    """
     candidates: list[str] = []
     if api_key:
         candidates.append(api_key.strip())
@@ -41,7 +45,7 @@ def credentials_error(
         candidates.append(token.strip())
     if not candidates:
         return f"an API key is required; {_HOW}"
-    if any(_matches(candidate, keys) for candidate in candidates):
+    if all(_matches(candidate, keys) for candidate in candidates):
         return None
     return "the API key is not valid"
 

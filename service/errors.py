@@ -77,6 +77,23 @@ class ProblemError(StarletteHTTPException):
         }
 
 
+def field_error(field: str, msg: str, type_: str = "value_error") -> dict[str, str]:
+    """One ``errors`` entry of a validation problem, for a field of the request body."""
+    return {"loc": f"body.{field}", "msg": msg, "type": type_}
+
+
+def validation_problem(errors: list[dict[str, str]]) -> ProblemError:
+    """422 with one ``errors`` entry per bad field, shaped like FastAPI's own validation
+    errors (:func:`handle_validation_error`), for checks a schema cannot express."""
+    return ProblemError(
+        422,
+        "validation-error",
+        "; ".join(f"{e['loc']}: {e['msg']}" for e in errors),
+        title="Request validation failed",
+        extra={"errors": errors},
+    )
+
+
 def problem_response(
     status: int,
     detail: str,
@@ -143,7 +160,11 @@ async def handle_http_exception(request: Request, exc: Exception) -> JSONRespons
     elif status == 400 and detail.startswith("Too many files"):
         # Starlette's multipart parser stops at its own file cap before our route can count.
         status, type_ = 413, problem_type("too-many-files")
-        detail = f"{detail} Send fewer files per request."
+        limit = request.app.state.settings.max_batch_files
+        detail = (
+            f"more files than the multipart parser reads (its cap is 1000); the limit is "
+            f"{limit} per request (VAEBM_MAX_BATCH_FILES): split them over several requests"
+        )
     return problem_response(
         status,
         detail,

@@ -50,6 +50,16 @@ def score_buckets(calibration_scores: Sequence[float] | None) -> tuple[float, ..
     return tuple(unique) if unique else _FALLBACK_BUCKETS
 
 
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    """The request method as a metric label: the standard ones as sent, any other
+    ``"other"``. The server accepts any token as a method, and a label taken from the
+    client unchecked would let it grow the registry without bound."""
+    return method if method in HTTP_METHODS else "other"
+
+
 class ServiceMetrics:
     """All metrics of one app, in its own :class:`CollectorRegistry`."""
 
@@ -123,7 +133,7 @@ class ServiceMetrics:
             )
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        labels = (method, route, str(status))
+        labels = (method_label(method), route, str(status))
         self.requests.labels(*labels).inc()
         self.request_latency.labels(*labels).observe(seconds)
 

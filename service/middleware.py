@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: request context (id, logs, metrics, model headers) and body limit.
+"""Pure ASGI middleware: request context (id, logs, metrics, model headers), body limits.
 
 Pure ASGI rather than ``BaseHTTPMiddleware`` so that request bodies stream through
 untouched and the byte count is enforced as the body arrives.
@@ -6,6 +6,7 @@ untouched and the byte count is enforced as the body arrives.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -15,7 +16,7 @@ from typing import Any
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ProblemError, problem_response, problem_type
+from service.errors import TYPE_PREFIX, ProblemError, problem_response, problem_type
 from service.logs import request_id_var
 
 logger = logging.getLogger("service.access")
@@ -86,8 +87,7 @@ class RequestContextMiddleware:
 
     @staticmethod
     def _record(scope: Scope, status: int, seconds: float) -> None:
-        route = scope.get("route")
-        template = getattr(route, "path", None) or UNMATCHED_ROUTE
+        template = route_template(scope)
         metrics = getattr(scope["app"].state, "metrics", None) if "app" in scope else None
         if metrics is not None:
             metrics.observe_request(scope["method"], template, status, seconds)
@@ -107,6 +107,32 @@ class RequestContextMiddleware:
                 "client": client[0] if client else None,
             },
         )
+
+
+def route_template(scope: Scope) -> str:
+    """The path template of the route a request was for (``/score``), for metrics.
+
+    Requests refused before routing (401 from the key check, 413 from a declared size)
+    carry no route yet; their path counts when it is one of the API's paths (which have
+    no path parameters). Any other path becomes ``"unmatched"``, never the raw path,
+    which would be an unbounded label.
+    """
+    route = scope.get("route")
+    if route is not None:
+        return getattr(route, "path", None) or UNMATCHED_ROUTE
+    app = scope.get("app")
+    if app is not None and scope["path"] in _api_paths(app):
+        return scope["path"]
+    return UNMATCHED_ROUTE
+
+
+def _api_paths(app: Any) -> frozenset[str]:
+    """The paths of the app's OpenAPI schema, computed once per app."""
+    paths = getattr(app.state, "api_paths", None)
+    if paths is None:
+        paths = frozenset(app.openapi()["paths"])
+        app.state.api_paths = paths
+    return paths
 
 
 def _model_headers(scope: Scope) -> dict[str, str]:
@@ -135,22 +161,49 @@ def body_too_large(limit: int, detail: str | None = None) -> ProblemError:
     )
 
 
-class BodySizeLimitMiddleware:
-    """413 once a request body passes ``max_bytes``, counted as it streams.
+def body_timed_out(timeout_s: float) -> ProblemError:
+    return ProblemError(
+        408,
+        "request-timeout",
+        f"no part of the request body arrived for {timeout_s:g} s (VAEBM_BODY_TIMEOUT_S); "
+        "send the whole body, with a Content-Length that matches it",
+        headers={"Connection": "close"},
+    )
 
-    A declared ``Content-Length`` above the limit is refused at once; the count of the
-    bytes actually received catches chunked bodies and lying headers. Past the limit,
-    reading the body raises a :class:`ProblemError` (an ``HTTPException``), which FastAPI
-    lets through its body parsing to the problem handler.
+
+_REFUSED_WHILE_READING = (408, 413)
+
+
+class BodyLimitsMiddleware:
+    """Limits on request bodies, enforced as they stream in, before any route reads them.
+
+    - Size: a declared ``Content-Length`` above ``max_bytes`` is refused at once (413);
+      the count of the bytes actually received catches chunked bodies and lying headers.
+    - Time: each piece of the body must arrive within ``timeout_s`` of the one before
+      (408), so a client that stops sending (or declares more bytes than it sends)
+      cannot hold a connection and its buffers forever. Like nginx's
+      ``client_body_timeout``, a body that trickles in steadily is not cut off.
+    - Encoding: a ``Content-Encoding`` other than identity is refused (415): no route
+      decompresses bodies, and reading compressed bytes as an image or JSON would fail
+      with a misleading message.
+
+    Past a limit, reading the body raises a :class:`ProblemError` (an ``HTTPException``),
+    which FastAPI lets through its body parsing to the problem handler.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        encoding = (_header(scope, b"content-encoding") or "identity").strip().lower()
+        if encoding != "identity":
+            detail = f"Content-Encoding {encoding!r} is not supported; send the body uncompressed"
+            await self._refuse(scope, receive, send, 415, "unsupported-media-type", detail)
             return
         declared = _header(scope, b"content-length")
         declared_bytes = int(declared) if declared and declared.strip().isdigit() else None
@@ -159,16 +212,23 @@ class BodySizeLimitMiddleware:
                 f"the request declares {declared_bytes} bytes, above the limit of "
                 f"{self.max_bytes} bytes (VAEBM_MAX_UPLOAD_BYTES); send fewer or smaller files"
             )
-            await self._refuse(scope, receive, send, detail)
+            await self._refuse(scope, receive, send, 413, "request-too-large", detail)
             return
         received = 0
+        body_done = False
         started = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # after the body only a disconnect can come: no time limit
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except asyncio.TimeoutError:
+                raise body_timed_out(self.timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise body_too_large(self.max_bytes)
             return message
@@ -182,15 +242,18 @@ class BodySizeLimitMiddleware:
         try:
             await self.app(scope, limited_receive, tracking_send)
         except ProblemError as exc:
-            if started or exc.status != 413:
+            if started or exc.status not in _REFUSED_WHILE_READING:
                 raise
-            await self._refuse(scope, receive, send, exc.detail)
+            slug = exc.type.removeprefix(TYPE_PREFIX)
+            await self._refuse(scope, receive, send, exc.status, slug, exc.detail)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, detail: str) -> None:
+    async def _refuse(
+        self, scope: Scope, receive: Receive, send: Send, status: int, slug: str, detail: str
+    ) -> None:
         response = problem_response(
-            413,
+            status,
             detail,
-            type_=problem_type("request-too-large"),
+            type_=problem_type(slug),
             instance=scope["path"],
             request_id=scope.get("state", {}).get("request_id"),
             headers={"Connection": "close"},

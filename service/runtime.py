@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -35,6 +36,10 @@ CPU_FORWARD_MAX_IMAGES = 32  # benchmarks/service_bench.py: 32 beats 64 per imag
 
 class StartupError(RuntimeError):
     """The service cannot start: the message says why and what to do."""
+
+
+class ClientGone(Exception):
+    """The client disconnected before its long-running request finished."""
 
 
 @dataclass
@@ -81,9 +86,32 @@ class ModelRuntime:
         """Run ``fn(*args)`` on the model thread."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    def sample_uint8(self, n: int, steps: int, step_size: float, seed: int) -> np.ndarray:
-        """n samples as uint8 (n, C, H, W); the same seed gives the same images."""
-        x = self.model.sample(n, steps=steps, step_size=step_size, seed=seed)  # (n, C, H, W)
+    async def sample_uint8(
+        self,
+        n: int,
+        steps: int,
+        step_size: float,
+        seed: int,
+        *,
+        client_gone: Callable[[], Awaitable[bool]] | None = None,
+    ) -> np.ndarray:
+        """n samples as uint8 (n, C, H, W); the same seed gives the same images.
+
+        Each Langevin step is its own job on the model thread, so scoring batches that
+        arrive meanwhile run between two steps: a long sample delays ``/score`` by one
+        step, not by the whole chain. Before every step ``client_gone`` is asked, and a
+        client that has left stops the work (:class:`ClientGone`).
+        """
+        noise, generator = await self.run(self.model.start_chains, n, seed)
+        for done in range(steps):
+            if client_gone is not None and await client_gone():
+                raise ClientGone(f"the client left; sampling stopped after {done} of {steps} steps")
+            noise = await self.run(
+                partial(
+                    self.model.langevin, noise, steps=1, step_size=step_size, generator=generator
+                )
+            )
+        x = await self.run(self.model.chain_images, noise)  # (n, C, H, W)
         return to_uint8(x).cpu().numpy()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 # ---------------------------------------------------------------------------------------------
 # shared
@@ -154,6 +154,8 @@ class ReferenceSetsResponse(BaseModel):
 
 
 class SampleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not a default
+
     n: int = Field(16, ge=1, description="number of samples (capped by VAEBM_SAMPLE_MAX_N)")
     steps: int = Field(
         16, ge=0, description="Langevin steps (capped by VAEBM_SAMPLE_MAX_STEPS); 0 = VAE only"

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
 
     # Input limits
     max_upload_bytes: int = Field(64 * 2**20, ge=1024, description="request body, bytes")
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="longest wait for the next piece of a request body"
+    )
     max_image_pixels: int = Field(
         16_000_000, ge=1, description="width * height of one image, checked before decoding"
     )
@@ -75,6 +78,7 @@ class Settings(BaseSettings):
     # Sampling caps
     sample_max_n: int = Field(64, ge=1, le=1024)
     sample_max_steps: int = Field(200, ge=0, le=10_000)
+    sample_max_concurrent: int = Field(2, ge=1, le=64, description="samples drawn at once")
 
     # Authentication: empty = no authentication
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+from collections.abc import Awaitable, Callable
 
 import numpy as np
-from fastapi import UploadFile
+from fastapi import Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from service.errors import ProblemError
+from service.errors import ProblemError, field_error, validation_problem
 from service.imaging import ImageInfo, decode_image
 from service.runtime import ModelRuntime
 from service.settings import Settings
@@ -70,6 +71,39 @@ def _decode(
         resize=settings.resize,
         content_type=content_type,
     )
+
+
+def multipart_form(*single: str) -> Callable[[Request], Awaitable[None]]:
+    """A route dependency: the body must be ``multipart/form-data`` (else 415), and each
+    field named in ``single`` must come at most once and not empty (else 422).
+
+    Without it a second ``file`` part would silently replace the first, an empty
+    ``reference`` would silently mean the default, and a ``multipart/mixed`` body would
+    be reported as a missing field. FastAPI has parsed the form by the time dependencies
+    run; ``request.form()`` returns that parse.
+    """
+
+    async def check(request: Request) -> None:
+        content_type = request.headers.get("content-type", "")
+        media_type = content_type.partition(";")[0].strip().lower()
+        if media_type != "multipart/form-data":
+            raise ProblemError(
+                415,
+                "unsupported-media-type",
+                f"send the request as multipart/form-data, got {media_type or 'no Content-Type'}",
+            )
+        form = await request.form()
+        errors = []
+        for name in single:
+            values = form.getlist(name)
+            if len(values) > 1:
+                errors.append(field_error(name, f"expected one value, got {len(values)}"))
+            elif values == [""]:
+                errors.append(field_error(name, "must not be empty"))
+        if errors:
+            raise validation_problem(errors)
+
+    return check
 
 
 def check_file_count(count: int, settings: Settings, field: str) -> None:

@@ -80,10 +80,12 @@ class BadInput:
     expect_conversion: tuple[str, ...] = ()
     files: dict[str, bytes] = field(default_factory=dict)  # file name -> bytes, for OUTDIR
     method: str = "POST"
+    extra_headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Content-Type": self.content_type} if self.content_type else {}
+        content_type = {"Content-Type": self.content_type} if self.content_type else {}
+        return {**content_type, **self.extra_headers}
 
     def manifest_entry(self) -> dict[str, object]:
         entry = asdict(self)
@@ -347,6 +349,7 @@ def request_cases(limits: Limits) -> list[BadInput]:
         ("sample-n-above-cap", {"n": 10**6}, "body.n: n must be <= "),
         ("sample-steps-above-cap", {"n": 1, "steps": 10**6}, "body.steps: steps must be <= "),
         ("sample-json-array", [1, 2, 3], "body: Input should be a valid dictionary"),
+        ("sample-misspelt-field", {"N": 2}, "body.N: Extra inputs are not permitted"),
     ]
     cases = [
         BadInput(
@@ -407,9 +410,9 @@ def request_cases(limits: Limits) -> list[BadInput]:
             path="/score",
             body=plain_png(),
             content_type="image/png",
-            expect_status=422,
-            expect_type=PROBLEM + "validation-error",
-            expect_detail_prefix="body.file: Field required",
+            expect_status=415,
+            expect_type=PROBLEM + "unsupported-media-type",
+            expect_detail_prefix="send the request as multipart/form-data, got image/png",
         ),
         BadInput(
             name="json-body-to-score",
@@ -417,9 +420,9 @@ def request_cases(limits: Limits) -> list[BadInput]:
             path="/score",
             body=b'{"file": "aGVsbG8="}',
             content_type="application/json",
-            expect_status=422,
-            expect_type=PROBLEM + "validation-error",
-            expect_detail_prefix="body.file: Field required",
+            expect_status=415,
+            expect_type=PROBLEM + "unsupported-media-type",
+            expect_detail_prefix="send the request as multipart/form-data, got application/json",
         ),
         BadInput(
             name="multipart-without-boundary",
@@ -480,6 +483,62 @@ def request_cases(limits: Limits) -> list[BadInput]:
             expect_status=422,
             expect_type=PROBLEM + "validation-error",
             expect_detail_prefix="body: Input should be a valid dictionary",
+        ),
+    ]
+    png_part = ("file", "a.png", plain_png(), "image/png")
+    cases += [
+        BadInput(
+            name="two-file-parts",
+            what="two 'file' parts to /score (one image expected)",
+            path="/score",
+            body=multipart([png_part, png_part]),
+            content_type=MULTIPART,
+            expect_status=422,
+            expect_type=PROBLEM + "validation-error",
+            expect_detail_prefix="body.file: expected one value, got 2",
+        ),
+        BadInput(
+            name="multipart-mixed",
+            what="a valid multipart body sent as multipart/mixed",
+            path="/score",
+            body=one_file("a.png", plain_png(), "image/png"),
+            content_type=f"multipart/mixed; boundary={BOUNDARY}",
+            expect_status=415,
+            expect_type=PROBLEM + "unsupported-media-type",
+            expect_detail_prefix="send the request as multipart/form-data, got multipart/mixed",
+        ),
+        BadInput(
+            name="content-encoding-gzip",
+            what="Content-Encoding: gzip on a body that no route decompresses",
+            path="/score",
+            body=one_file("a.png", plain_png(), "image/png"),
+            content_type=MULTIPART,
+            extra_headers={"Content-Encoding": "gzip"},
+            expect_status=415,
+            expect_type=PROBLEM + "unsupported-media-type",
+            expect_detail_prefix="Content-Encoding 'gzip' is not supported",
+        ),
+        BadInput(
+            name="trailing-slash",
+            what="/score/ (no redirect, whose Location would come from the Host header)",
+            path="/score/",
+            body=one_file("a.png", plain_png(), "image/png"),
+            content_type=MULTIPART,
+            expect_status=404,
+            expect_type=ABOUT_BLANK,
+            expect_detail_prefix="no route matches POST /score/",
+        ),
+        BadInput(
+            name="evaluate-empty-reference",
+            what="reference= (empty) to /evaluate",
+            path="/evaluate",
+            body=multipart(
+                [("files", "a.png", plain_png(), "image/png"), ("reference", None, b"", None)]
+            ),
+            content_type=MULTIPART,
+            expect_status=422,
+            expect_type=PROBLEM + "validation-error",
+            expect_detail_prefix="body.reference: must not be empty",
         ),
     ]
     for name, payload, detail in sample_errors:

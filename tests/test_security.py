@@ -75,6 +75,8 @@ PROTECTED = [
     ("POST", "/sample", {"json": {"n": 1, "steps": 0, "seed": 1}}),
     ("GET", "/model", {}),
     ("GET", "/reference-sets", {}),
+    ("HEAD", "/model", {}),
+    ("HEAD", "/reference-sets", {}),
 ]
 
 
@@ -91,6 +93,10 @@ def test_every_protected_route_needs_a_key_in_either_header(
         {"X-API-Key": KEY[:-1]},  # a prefix of a key
         {"X-API-Key": KEY + "x"},  # a key plus one character
         {"Cookie": f"api_key={KEY}"},
+        # every key presented must be valid, whichever header holds the wrong one
+        {"X-API-Key": KEY, "Authorization": f"Bearer {WRONG_KEY}"},
+        {"X-API-Key": WRONG_KEY, "Authorization": f"Bearer {KEY}"},
+        {"X-API-Key": KEY, "Authorization": f"Basic {KEY}"},
     ]
     for headers in refused:
         response = keyed_client.request(method, path, headers=headers, **kwargs)
@@ -98,9 +104,15 @@ def test_every_protected_route_needs_a_key_in_either_header(
         assert response.headers["content-type"] == "application/problem+json"
         assert response.headers["www-authenticate"] == 'Bearer realm="vaebm-ood"'
         assert KEY not in response.text and WRONG_KEY not in response.text
+        assert (response.content == b"") == (method == "HEAD")
     response = keyed_client.request(method, path, params={"api_key": KEY}, **kwargs)
     assert response.status_code == 401  # a key in the query string is not accepted
-    for headers in ({"X-API-Key": KEY}, {"Authorization": f"Bearer {OTHER_KEY}"}):
+    accepted = (
+        {"X-API-Key": KEY},
+        {"Authorization": f"Bearer {OTHER_KEY}"},
+        {"X-API-Key": KEY, "Authorization": f"Bearer {OTHER_KEY}"},
+    )
+    for headers in accepted:
         response = keyed_client.request(method, path, headers=headers, **kwargs)
         assert response.status_code == 200, (headers, response.text)
 

@@ -274,7 +274,7 @@ def test_score_reports_conversion_and_resize(tiny_service_client: TestClient) ->
 
 
 def test_score_without_file_is_a_validation_problem(tiny_service_client: TestClient) -> None:
-    response = tiny_service_client.post("/score", data={"other": "x"})
+    response = tiny_service_client.post("/score", files={"other": ("a.png", b"x", "image/png")})
     body = assert_problem(response, 422, "body.file: Field required", "validation-error")
     assert body["errors"] == [{"loc": "body.file", "msg": "Field required", "type": "missing"}]
 
@@ -442,7 +442,8 @@ def test_batch_above_the_multipart_parser_cap(tiny_service_client: TestClient) -
     assert_problem(
         response,
         413,
-        "Too many files. Maximum number of files is 1000. Send fewer files per request.",
+        "more files than the multipart parser reads (its cap is 1000); the limit is 4 per "
+        "request (VAEBM_MAX_BATCH_FILES): split them over several requests",
         "too-many-files",
     )
 
@@ -579,11 +580,24 @@ def test_evaluate_errors(tiny_service_client: TestClient) -> None:
         "reference set 'broken' (spec '/does/not/exist') cannot be loaded: "
     )
     assert_problem(
-        tiny_service_client.post("/evaluate", data={"reference": "digits"}),
+        tiny_service_client.post("/evaluate", files={"reference": (None, "digits")}),
         422,
         "body.files: Field required",
         "validation-error",
     )
+    assert_problem(
+        tiny_service_client.post("/evaluate", data={"reference": "digits"}),
+        415,
+        "send the request as multipart/form-data, got application/x-www-form-urlencoded",
+        "unsupported-media-type",
+    )
+    # an empty or repeated reference is an error, not a silent default or a silent pick
+    for fields in ([("reference", "")], [("reference", "nope"), ("reference", "calibration")]):
+        response = tiny_service_client.post(
+            "/evaluate", files=[*one, *((name, (None, v)) for name, v in fields)]
+        )
+        detail = "must not be empty" if len(fields) == 1 else "expected one value, got 2"
+        assert_problem(response, 422, f"body.reference: {detail}", "validation-error")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -240,12 +240,24 @@ def wait_ready(base: str, process: subprocess.Popen, timeout_s: float = 180.0) -
     raise AssertionError("server not ready in time")
 
 
+def wait_for_count(base: str, labels: str, timeout_s: float) -> bool:
+    """Poll /metrics until vaebm_http_requests_total{...labels...} is at least 1."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in httpx.get(f"{base}/metrics", timeout=10.0).text.splitlines():
+            counted = line.startswith("vaebm_http_requests_total{") and labels in line
+            if counted and float(line.rsplit(" ", 1)[1]) >= 1:
+                return True
+        time.sleep(0.1)
+    return False
+
+
 def test_real_server_scores_over_http_and_stops_on_sigterm(tiny_checkpoint: Path) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,
-        "VAEBM_SAMPLE_MAX_STEPS": "8",
+        "VAEBM_SAMPLE_MAX_STEPS": "10000",
         "OMP_NUM_THREADS": "1",  # the machine is shared: keep the server to one core
         "VAEBM_LOG_JSON": "true",
         "PYTHONPATH": str(REPO),
@@ -272,6 +284,15 @@ def test_real_server_scores_over_http_and_stops_on_sigterm(tiny_checkpoint: Path
         assert response.status_code == 200, response.text
         assert response.headers["x-request-id"] == "over-http-1"
         assert response.json()["model"]["name"] == "tiny"
+        # HEAD: the headers of a GET, no body (uvicorn drops it).
+        head = httpx.head(f"{base}/healthz", timeout=10.0)
+        assert head.status_code == 200 and head.content == b""
+        assert int(head.headers["content-length"]) == len(httpx.get(f"{base}/healthz").content)
+        # A sample whose client gives up stops at its next step (499 in the metrics),
+        # instead of holding the model thread for 10,000 steps.
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/sample", json={"n": 4, "steps": 10000}, timeout=0.5)
+        assert wait_for_count(base, 'route="/sample",status="499"', timeout_s=20.0)
         # A request in flight when SIGTERM arrives still gets its answer.
         answers: list[int] = []
 
@@ -295,3 +316,4 @@ def test_real_server_scores_over_http_and_stops_on_sigterm(tiny_checkpoint: Path
     scored = [line for line in lines if line.get("request_id") == "over-http-1"]
     assert scored and scored[-1]["status"] == 200 and scored[-1]["route"] == "/score"
     assert any(line["message"] == "shut down cleanly" for line in lines)
+    assert any(line["message"].startswith("the client left; sampling stopped") for line in lines)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, UploadFile
 
 from model.metrics import METRIC_DESCRIPTIONS, ood_metrics
 from service.deps import ReferencesDep, RuntimeDep, SettingsDep
@@ -26,7 +26,7 @@ from service.schemas import (
     ScoreMetrics,
 )
 from service.settings import CALIBRATION_REFERENCE, Settings
-from service.uploads import check_file_count, decode_uploads
+from service.uploads import check_file_count, decode_uploads, multipart_form
 
 router = APIRouter(tags=["evaluate"])
 
@@ -88,6 +88,7 @@ def score_metrics(
     response_model=EvaluateResponse,
     responses=PROBLEM_RESPONSES,
     summary="AUROC evaluation of uploaded OOD candidates",
+    dependencies=[Depends(multipart_form("reference"))],
 )
 async def evaluate(
     files: Annotated[list[UploadFile], File(description="OOD candidate images")],

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Query, UploadFile
 
 from service.deps import MetricsDep, RuntimeDep, SettingsDep
 from service.errors import ProblemError
@@ -25,7 +25,7 @@ from service.schemas import (
     ScoreResponse,
     ScoreResult,
 )
-from service.uploads import check_file_count, decode_upload, decode_uploads
+from service.uploads import check_file_count, decode_upload, decode_uploads, multipart_form
 
 router = APIRouter(tags=["score"])
 
@@ -87,6 +87,7 @@ def make_result(
     response_model=ScoreResponse,
     responses=PROBLEM_RESPONSES,
     summary="Score one image",
+    dependencies=[Depends(multipart_form("file"))],
 )
 async def score_image(
     file: Annotated[UploadFile, File(description="the image (PNG, JPEG, WebP, BMP, GIF, TIFF)")],
@@ -108,6 +109,7 @@ async def score_image(
     response_model=BatchScoreResponse,
     responses=PROBLEM_RESPONSES,
     summary="Score many images",
+    dependencies=[Depends(multipart_form())],
 )
 async def score_batch(
     files: Annotated[list[UploadFile], File(description="the images, in order")],

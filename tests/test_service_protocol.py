@@ -1,0 +1,227 @@
+"""HTTP protocol edges of the service: HEAD, metric labels that clients cannot inflate,
+body timeouts, and sampling that neither starves scoring nor outlives its client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app import create_app
+from service.middleware import BodyLimitsMiddleware
+from service.runtime import ClientGone
+from tests.test_service_api import assert_problem, png, settings_for
+
+
+@pytest.fixture(scope="module")
+def client(tiny_checkpoint: Path) -> Iterator[TestClient]:
+    settings = settings_for(tiny_checkpoint, sample_max_steps=40, sample_max_concurrent=1)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def request_counts(client: TestClient) -> dict[tuple[str, str, str], float]:
+    """vaebm_http_requests_total by (method, route, status)."""
+    families = text_string_to_metric_families(client.get("/metrics").text)
+    family = next(f for f in families if f.name == "vaebm_http_requests")
+    return {
+        (s.labels["method"], s.labels["route"], s.labels["status"]): s.value
+        for s in family.samples
+        if s.name == "vaebm_http_requests_total"
+    }
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/model", "/reference-sets"])
+def test_every_get_route_answers_head(client: TestClient, path: str) -> None:
+    get = client.get(path)
+    head = client.head(path)
+    assert get.status_code == head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
+
+
+def test_head_routes_stay_out_of_the_openapi_schema(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "head" not in paths["/healthz"] and "get" in paths["/healthz"]
+
+
+def test_a_trailing_slash_is_a_404_not_a_redirect(client: TestClient) -> None:
+    response = client.get("/healthz/", headers={"Host": "evil.example"}, follow_redirects=False)
+    assert_problem(response, 404, "no route matches GET /healthz/; see /docs for the API")
+    assert "location" not in response.headers
+
+
+def test_unknown_methods_share_one_metric_label(client: TestClient) -> None:
+    """A client inventing methods cannot grow the registry: they all count as "other"."""
+    for method in ("QWERTY", "BREW", "PROPFIND"):
+        assert client.request(method, "/healthz").status_code == 405
+    counts = request_counts(client)
+    methods = {method for method, _, _ in counts}
+    assert {"QWERTY", "BREW", "PROPFIND"}.isdisjoint(methods)
+    assert counts[("other", "/healthz", "405")] == 3
+
+
+def test_requests_refused_before_routing_count_under_their_route(client: TestClient) -> None:
+    """A declared size over the limit is refused by middleware, before routing."""
+    before = request_counts(client).get(("POST", "/score", "413"), 0)
+    response = client.post("/score", content=b"x", headers={"Content-Length": str(10**12)})
+    assert response.status_code == 413
+    client.post("/no-such-path", content=b"x", headers={"Content-Length": str(10**12)})
+    counts = request_counts(client)
+    assert counts[("POST", "/score", "413")] == before + 1
+    assert not any(route == "/no-such-path" for _, route, _ in counts)
+
+
+def test_a_body_that_stops_arriving_gets_a_408() -> None:
+    """BodyLimitsMiddleware on its own: the second piece of the body never comes."""
+    read_all = []
+
+    async def app(scope: dict, receive, send) -> None:  # reads the body, then answers
+        while (await receive()).get("more_body"):
+            pass
+        read_all.append(True)
+
+    middleware = BodyLimitsMiddleware(app, max_bytes=1000, timeout_s=0.05)
+    pieces = [{"type": "http.request", "body": b"abc", "more_body": True}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if pieces:
+            return pieces.pop()
+        await asyncio.sleep(3600)  # the client went quiet
+        raise AssertionError("unreachable")
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/score", "headers": []}
+    started = time.perf_counter()
+    asyncio.run(middleware(scope, receive, send))
+    assert time.perf_counter() - started < 5
+    assert read_all == []
+    assert sent[0]["status"] == 408
+    assert (b"connection", b"close") in sent[0]["headers"]
+    assert b"VAEBM_BODY_TIMEOUT_S" in sent[1]["body"]
+
+
+def test_the_timeout_ends_with_the_body() -> None:
+    """After the last piece of the body, waiting on receive (for a disconnect) is not timed."""
+    waited = []
+
+    async def app(scope: dict, receive, send) -> None:
+        await receive()  # the whole body
+        waited.append(await receive())  # a disconnect, after longer than the timeout
+
+    middleware = BodyLimitsMiddleware(app, max_bytes=1000, timeout_s=0.01)
+    messages = [
+        {"type": "http.disconnect"},
+        {"type": "http.request", "body": b"abc", "more_body": False},
+    ]
+
+    async def receive() -> dict:
+        message = messages.pop()
+        if message["type"] == "http.disconnect":
+            await asyncio.sleep(0.1)
+        return message
+
+    async def send(message: dict) -> None:
+        raise AssertionError("nothing should be sent")
+
+    scope = {"type": "http", "method": "POST", "path": "/score", "headers": []}
+    asyncio.run(middleware(scope, receive, send))
+    assert waited == [{"type": "http.disconnect"}]
+
+
+def test_samples_beyond_the_concurrency_limit_get_a_429(client: TestClient) -> None:
+    state = client.app.state
+    state.samples_running = 1  # the module's limit: one sample at a time
+    try:
+        response = client.post("/sample", json={"n": 1, "steps": 0, "seed": 1})
+    finally:
+        state.samples_running = 0
+    body = assert_problem(
+        response,
+        429,
+        "1 samples are being drawn, the limit (VAEBM_SAMPLE_MAX_CONCURRENT) is 1; retry later",
+        "too-many-samples",
+    )
+    assert body["status"] == 429 and response.headers["retry-after"] == "10"
+    assert client.post("/sample", json={"n": 1, "steps": 0, "seed": 1}).status_code == 200
+    assert state.samples_running == 0  # the slot is given back
+
+
+def test_scoring_runs_between_the_steps_of_a_long_sample(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A /score sent while a sample runs is answered before the sample's last step."""
+    model = client.app.state.runtime.model
+    real = model.langevin
+    steps_done: list[int] = []
+    first_step = threading.Event()
+
+    def slow_step(*args, **kwargs):
+        time.sleep(0.05)  # a step of a large model: 40 steps take 2 s or more
+        result = real(*args, **kwargs)
+        steps_done.append(1)
+        first_step.set()
+        return result
+
+    monkeypatch.setattr(model, "langevin", slow_step)
+    answers: list[int] = []
+    sampler = threading.Thread(
+        target=lambda: answers.append(
+            client.post("/sample", json={"n": 2, "steps": 40, "seed": 3}).status_code
+        )
+    )
+    sampler.start()
+    assert first_step.wait(30)
+    response = client.post("/score", files={"file": ("a.png", png(), "image/png")})
+    steps_when_scored = len(steps_done)
+    sampler.join(60)
+    assert response.status_code == 200
+    assert answers == [200] and len(steps_done) == 40
+    assert steps_when_scored < 40
+
+
+def test_a_sample_stops_when_its_client_is_gone(client: TestClient) -> None:
+    runtime = client.app.state.runtime
+    asked = []
+
+    async def gone_after_three() -> bool:
+        asked.append(1)
+        return len(asked) > 3
+
+    async def draw() -> None:
+        await runtime.sample_uint8(2, 40, 1e-3, 5, client_gone=gone_after_three)
+
+    with pytest.raises(ClientGone, match="sampling stopped after 3 of 40 steps"):
+        client.portal.call(draw)
+    assert len(asked) == 4
+
+
+def test_steps_one_at_a_time_give_the_same_sample(client: TestClient) -> None:
+    """The service's step-by-step sampler draws what VAEBM.sample draws: the same random
+    stream in the same order, so the same images up to float rounding (the two run on
+    different threads, where CPU kernels may split sums differently): one grey level."""
+    import numpy as np
+
+    from model.likelihood import to_uint8
+
+    runtime = client.app.state.runtime
+
+    async def draw() -> np.ndarray:
+        return await runtime.sample_uint8(3, 5, 1e-3, 11)
+
+    stepped = client.portal.call(draw)
+    whole = to_uint8(runtime.model.sample(3, steps=5, step_size=1e-3, seed=11)).cpu().numpy()
+    assert stepped.shape == whole.shape == (3, 1, 28, 28)
+    assert np.abs(stepped.astype(int) - whole.astype(int)).max() <= 1
+    other_seed = to_uint8(runtime.model.sample(3, steps=5, step_size=1e-3, seed=12)).cpu().numpy()
+    assert np.abs(stepped.astype(int) - other_seed.astype(int)).max() > 1
