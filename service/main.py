@@ -17,6 +17,7 @@ from pathlib import Path
 
 import uvicorn
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from service.app import create_app
 from service.logs import configure_logging
@@ -77,6 +78,11 @@ def serve(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         configure_logging()
         logger.error("invalid configuration: %s", describe_validation_error(exc))
+        return EXIT_BAD_CONFIG
+    except SettingsError as exc:  # a VAEBM_* value that must be JSON and is not
+        configure_logging()
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        logger.error("invalid configuration: %s%s", exc, cause)
         return EXIT_BAD_CONFIG
     configure_logging(settings.log_level, json_lines=settings.log_json)
     app = create_app(settings)

@@ -144,9 +144,19 @@ def test_forward_pass_limit_defaults_by_device() -> None:
     assert forward_pass_limit(Settings(forward_max_images=5), cuda) == 5
 
 
-def test_serve_exits_2_on_bad_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VAEBM_BATCH_MAX_SIZE", "0")
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("VAEBM_BATCH_MAX_SIZE", "0"), ("VAEBM_REFERENCE_SETS", "{bad json")],
+    ids=["out-of-range", "json-that-does-not-parse"],
+)
+def test_serve_exits_2_on_bad_configuration(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
     assert serve([]) == EXIT_BAD_CONFIG
+    message = caplog.records[-1].getMessage()
+    assert message.startswith("invalid configuration: ")
+    assert variable.removeprefix("VAEBM_").lower() in message.lower()
 
 
 # ---------------------------------------------------------------------------------------------
