@@ -146,7 +146,8 @@ def load_calibration(directory: str | os.PathLike, *, weights_sha256: str) -> Ca
     path = Path(directory) / CALIBRATION_NAME
     if not path.is_file():
         raise CalibrationError(
-            f"{path} is missing: run `vaebm calibrate --checkpoint {directory}` first"
+            f"{path} is missing: run `vaebm calibrate --checkpoint {directory} "
+            "--data HELD_OUT_IMAGES` first"
         )
     try:
         raw = json.loads(path.read_text())
@@ -166,6 +167,6 @@ def load_calibration(directory: str | os.PathLike, *, weights_sha256: str) -> Ca
         raise CalibrationError(
             f"{path} was computed for weights {calibration.weights_sha256[:16]}..., but the "
             f"checkpoint's weights are {weights_sha256[:16]}...: recalibrate with "
-            f"`vaebm calibrate --checkpoint {directory}`"
+            f"`vaebm calibrate --checkpoint {directory} --data HELD_OUT_IMAGES`"
         )
     return calibration

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,8 @@ from model.vaebm import VAEBM
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 REQUIRED_KEYS = ("format_version", "name", "vae", "energy", "weights_file", "weights_sha256")
+OPTIONAL_SECTIONS = ("data", "training", "metrics")  # JSON objects when present
+STAGES = ("vae", "ebm")  # each an object in training and metrics when present
 
 
 class CheckpointError(RuntimeError):
@@ -130,6 +135,8 @@ def save_checkpoint(directory: str | os.PathLike, model: VAEBM, info: Checkpoint
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     """Read and check config.json of a checkpoint directory."""
     path = Path(directory) / CONFIG_NAME
+    if Path(directory).is_file():
+        raise CheckpointError(f"checkpoint directory {directory} is a file, not a directory")
     if not Path(directory).is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     if not path.is_file():
@@ -150,7 +157,111 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} has format_version {config['format_version']}, expected {FORMAT_VERSION}"
         )
+    _check_sections(path, config)
     return config
+
+
+def _check_sections(path: Path, config: dict[str, Any]) -> None:
+    """The optional sections' types, and the few of their values that code reads (the
+    split, the Langevin step size), so that a hand-edited config.json is refused here,
+    naming the key, instead of failing with a traceback wherever the value is used."""
+    for key in OPTIONAL_SECTIONS:
+        _expect(path, key, config.get(key, {}), dict, "a JSON object")
+    for key in ("training", "metrics"):
+        for stage in STAGES:
+            _expect(path, f"{key}.{stage}", config.get(key, {}).get(stage, {}), dict, "an object")
+    data = config.get("data", {})
+    _expect(path, "data.source", data.get("source", ""), str, "a string")
+    fraction = data.get("val_fraction", 0.0)
+    if not _is_number(fraction) or not 0 <= fraction < 1:
+        raise CheckpointError(f"{path}: data.val_fraction must be in [0, 1), got {fraction!r}")
+    split_seed = data.get("split_seed", 0)
+    if not _is_int(split_seed) or split_seed < 0:
+        raise CheckpointError(
+            f"{path}: data.split_seed must be an integer >= 0, got {split_seed!r}"
+        )
+    step_size = config.get("training", {}).get("ebm", {}).get("step_size", 0.0)
+    if not _is_number(step_size) or not 0 <= step_size < math.inf:
+        raise CheckpointError(
+            f"{path}: training.ebm.step_size must be a finite number >= 0, got {step_size!r}"
+        )
+
+
+def _expect(path: Path, key: str, value: Any, kind: type, what: str) -> None:
+    if not isinstance(value, kind):
+        raise CheckpointError(f"{path}: {key} must be {what}, got {value!r}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return (_is_int(x) or isinstance(x, float)) and math.isfinite(x)
+
+
+def _architecture(path: Path, config: dict[str, Any], key: str, cls: type) -> Any:
+    """``cls`` (VAEConfig or EnergyConfig) from config.json's section ``key``, each field
+    checked against its type first: a string where a channel count belongs would
+    otherwise fail deep in torch with a message naming neither the file nor the key."""
+    section = config[key]
+    _expect(path, key, section, dict, "a JSON object")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(section) - set(hints))
+    if unknown:
+        raise CheckpointError(f"{path}: invalid architecture in {key}: unknown fields {unknown}")
+    for name, value in section.items():
+        expected = _expected_kind(hints[name], value)
+        if expected:
+            raise CheckpointError(
+                f"{path}: invalid architecture: {key}.{name} must be {expected}, got {value!r}"
+            )
+    try:
+        return cls.from_dict(section)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"{path}: invalid architecture in {key} ({describe_exception(exc)})"
+        ) from exc
+
+
+def _expected_kind(kind: Any, value: Any) -> str:
+    """What an architecture field of type ``kind`` must be, if ``value`` is not; else ""."""
+    if kind is str:
+        return "" if isinstance(value, str) else "a string"
+    if kind is int:
+        return "" if _is_int(value) and value >= 0 else "an integer >= 0"
+    ok = isinstance(value, list) and value and all(_is_int(v) and v >= 0 for v in value)
+    return "" if ok else "a list of integers >= 0"  # a tuple of ints, as JSON writes it
+
+
+def describe_mismatch(expected: Mapping[str, Any], got: Mapping[str, Any]) -> str:
+    """How a saved state dict differs from a model's, in one line ("" when it fits):
+    counts of missing, unexpected and reshaped tensors, with the first example of each,
+    instead of torch's line per tensor."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    reshaped = [k for k in expected if k in got and tuple(expected[k].shape) != tuple(got[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
+    if reshaped:
+        k = reshaped[0]
+        parts.append(
+            f"{len(reshaped)} tensors of another shape (e.g. {k}: saved "
+            f"{tuple(got[k].shape)}, expected {tuple(expected[k].shape)})"
+        )
+    return "; ".join(parts)
+
+
+def describe_exception(exc: BaseException, limit: int = 160) -> str:
+    """An exception's type and the first sentence of its message, shortened: torch's
+    messages run to paragraphs, and an error must stay one line."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def load_checkpoint(
@@ -175,17 +286,23 @@ def load_checkpoint(
             f"{weights} has sha256 {actual[:16]}..., config.json expects "
             f"{config['weights_sha256'][:16]}...: the file is truncated, corrupt or replaced"
         )
+    path = directory / CONFIG_NAME
+    vae_config = _architecture(path, config, "vae", VAEConfig)
+    energy_config = _architecture(path, config, "energy", EnergyConfig)
     try:
-        vae = VAE(VAEConfig.from_dict(config["vae"]))
-        energy = EnergyNet(EnergyConfig.from_dict(config["energy"]))
-    except (TypeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{directory / CONFIG_NAME}: invalid architecture ({exc})") from exc
-    model = VAEBM(vae, energy)
+        model = VAEBM(VAE(vae_config), EnergyNet(energy_config))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: invalid architecture ({describe_exception(exc)})") from exc
     try:
         state = load_file(weights)
-        model.load_state_dict(state, strict=True)
-    except (SafetensorError, RuntimeError) as exc:
-        raise CheckpointError(f"{weights} does not match the architecture: {exc}") from exc
+    except SafetensorError as exc:
+        raise CheckpointError(
+            f"{weights} does not match the architecture: not a safetensors file ({exc})"
+        ) from exc
+    mismatch = describe_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(f"{weights} does not match the architecture: {mismatch}")
+    model.load_state_dict(state, strict=True)
     info = CheckpointInfo(
         name=config["name"],
         version=config.get("version", "0.1.0"),

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from model.device import DEVICE_CHOICES
+from model.device import check_device_name
 
 ENV_PREFIX = "VAEBM_"
 CALIBRATION_REFERENCE = "calibration"  # reserved reference-set name: the stored calibration
@@ -91,9 +91,7 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
-        if value in DEVICE_CHOICES or (value.startswith("cuda:") and value[5:].isdigit()):
-            return value
-        raise ValueError(f"device must be one of {', '.join(DEVICE_CHOICES)} or cuda:N")
+        return check_device_name(value)  # the rule the command line uses too
 
     @field_validator("log_level", mode="before")
     @classmethod

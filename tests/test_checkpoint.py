@@ -332,3 +332,64 @@ def test_atomic_write_json(tmp_path):
     atomic_write_json(path, {"c": None})
     assert json.loads(path.read_text()) == {"c": None}
     assert sorted(p.name for p in path.parent.iterdir()) == ["x.json"]
+
+
+# ------------------------------------------------------- hand-edited config.json
+def test_a_file_given_as_the_checkpoint_directory(tmp_path):
+    path = tmp_path / "t.sh"
+    path.write_text("#!/bin/sh\n")
+    with pytest.raises(CheckpointError, match="t.sh is a file, not a directory"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"training": "x"}, "training"),
+        ({"data": 5}, "data"),
+        ({"metrics": []}, "metrics"),
+        ({"training": {"ebm": "x"}}, "training.ebm"),
+        ({"training": {"ebm": {"step_size": "big"}}}, "training.ebm.step_size"),
+        ({"training": {"ebm": {"step_size": -1}}}, "training.ebm.step_size"),
+        ({"data": {"val_fraction": "a"}}, "data.val_fraction"),
+        ({"data": {"val_fraction": 1.5}}, "data.val_fraction"),
+        ({"data": {"split_seed": -1}}, "data.split_seed"),
+        ({"data": {"source": 7}}, "data.source"),
+    ],
+)
+def test_wrongly_typed_optional_sections_are_refused_naming_the_key(saved, change, key):
+    """What code reads from the optional sections is checked at load, not where it is used
+    (`sample` read training.ebm.step_size, `train ebm` data.source, with tracebacks)."""
+    directory, _, _ = saved
+    config = read_json(directory)
+    config.update(change)
+    write_json(directory, config)
+    with pytest.raises(CheckpointError, match=f": {key} must be"):
+        load_checkpoint(directory)
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value"),
+    [("vae", "hidden", "abc"), ("vae", "latent_channels", [2, "x"]), ("energy", "head", 3)],
+)
+def test_wrongly_typed_architecture_fields_are_refused_naming_the_field(
+    saved, section, field, value
+):
+    directory, _, _ = saved
+    config = read_json(directory)
+    config[section][field] = value
+    write_json(directory, config)
+    with pytest.raises(CheckpointError, match=f"invalid architecture: {section}.{field} must be"):
+        load_checkpoint(directory)
+
+
+def test_weights_of_another_architecture_are_summarised_in_one_line(saved):
+    directory, _, _ = saved
+    config = read_json(directory)
+    config["vae"]["hidden"] = 16  # the weights were saved for hidden=8
+    write_json(directory, config)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(directory)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "tensors of another shape (e.g. vae." in message and "expected (16" in message

