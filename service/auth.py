@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from fastapi import Request, Security
 from fastapi.security import APIKeyHeader, HTTPBearer
 from pydantic import SecretStr
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import ProblemError, problem_response, problem_type
@@ -28,17 +29,17 @@ _HOW = "send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
 
 
 def credentials_error(
-    authorization: str | None, api_key: str | None, keys: Sequence[SecretStr]
+    authorizations: Sequence[str], api_keys: Sequence[str], keys: Sequence[SecretStr]
 ) -> str | None:
     """None when the request carries a valid key, else what is wrong (for ``detail``).
 
-    Every key the request presents must be valid: a wrong bearer token beside a right
-    ``X-API-Key`` is refused, as a non-Bearer ``Authorization`` header beside one is.
+    ``authorizations`` and ``api_keys`` are every value of the two headers, repeats
+    included. Every key the request presents must be valid: a wrong bearer token beside
+    a right ``X-API-Key`` is refused, as a repeated header with one wrong value is, and
+    a non-Bearer ``Authorization`` header beside a right key.
     """
-    candidates: list[str] = []
-    if api_key:
-        candidates.append(api_key.strip())
-    if authorization:
+    candidates = [value.strip() for value in api_keys if value.strip()]
+    for authorization in authorizations:
         scheme, _, token = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return f"the Authorization header must use the Bearer scheme; {_HOW}"
@@ -73,8 +74,10 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or not self.keys or scope["path"] in EXEMPT_PATHS:
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        error = credentials_error(headers.get("authorization"), headers.get("x-api-key"), self.keys)
+        headers = Headers(scope=scope)
+        error = credentials_error(
+            headers.getlist("authorization"), headers.getlist("x-api-key"), self.keys
+        )
         if error is None:
             await self.app(scope, receive, send)
             return
@@ -103,7 +106,7 @@ async def require_api_key(
     if not keys:
         return
     error = credentials_error(
-        request.headers.get("authorization"), request.headers.get("x-api-key"), keys
+        request.headers.getlist("authorization"), request.headers.getlist("x-api-key"), keys
     )
     if error is not None:
         raise unauthorized(error)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import signal
 import threading
 from collections.abc import Iterator
@@ -93,7 +94,8 @@ def serve(argv: list[str] | None = None) -> int:
         lifespan="on",
         log_config=None,  # our handler, set up above
         access_log=False,  # RequestContextMiddleware logs every request with its id
-        timeout_graceful_shutdown=int(settings.graceful_timeout_s),
+        # uvicorn takes whole seconds, and 0 as "wait forever": round up, never to 0
+        timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s),
         server_header=False,
     )
     server = uvicorn.Server(config)

@@ -121,8 +121,9 @@ def route_template(scope: Scope) -> str:
     if route is not None:
         return getattr(route, "path", None) or UNMATCHED_ROUTE
     app = scope.get("app")
-    if app is not None and scope["path"] in _api_paths(app):
-        return scope["path"]
+    path = scope["path"].removeprefix(scope.get("root_path", ""))  # behind a proxy prefix
+    if app is not None and path in _api_paths(app):
+        return path
     return UNMATCHED_ROUTE
 
 

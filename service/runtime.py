@@ -23,7 +23,7 @@ from model.checkpoint import CheckpointError, CheckpointInfo, load_checkpoint
 from model.device import select_device
 from model.likelihood import to_uint8
 from model.scores import forward_pass_sizes, score_in_batches
-from model.vaebm import VAEBM
+from model.vaebm import VAEBM, NoiseState
 from service.batching import MicroBatcher
 from service.metrics import ServiceMetrics
 from service.settings import Settings
@@ -111,8 +111,12 @@ class ModelRuntime:
                     self.model.langevin, noise, steps=1, step_size=step_size, generator=generator
                 )
             )
-        x = await self.run(self.model.chain_images, noise)  # (n, C, H, W)
-        return to_uint8(x).cpu().numpy()
+        return await self.run(self._chain_images_uint8, noise)
+
+    def _chain_images_uint8(self, noise: NoiseState) -> np.ndarray:
+        """The chains' images as uint8 (n, C, H, W), copied to the host on the model thread
+        (on a GPU the copy waits for every queued step: never on the event loop)."""
+        return to_uint8(self.model.chain_images(noise)).cpu().numpy()
 
 
 def load_runtime(settings: Settings, executor: ThreadPoolExecutor) -> ModelRuntime:

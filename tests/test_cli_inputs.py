@@ -276,6 +276,49 @@ def test_ctrl_c_during_training_is_one_line_and_exit_130(
     assert f"interrupted in the {stage} stage" in text and expected in text
 
 
+def test_ctrl_c_in_the_ebm_stage_of_train_all_keeps_the_finished_vae(
+    vae_run, data, tmp_path, monkeypatch, capsys, caplog
+):
+    """Rerunning without --resume would train the VAE again over the finished one."""
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_ebm_module, "batch_indices", interrupt)
+    out = tmp_path / "all"
+    argv = ["train", "all", "--out", out, "--data", data, *VAE_FLAGS, "--steps", "2"]
+    argv += ["--ebm-energy-hidden", "8", "--ebm-steps", "1", "--ebm-batch-size", "8"]
+    argv += ["--ebm-langevin-steps", "1", "--ebm-eval-images", "16"]
+    code, text = run_cli(argv, capsys, caplog)
+    assert code == 130
+    assert "the finished VAE stage is saved" in text and "with --resume" in text
+
+
+def test_an_older_run_in_the_folder_is_not_reported_as_saved(
+    vae_run, data, tmp_path, monkeypatch, capsys, caplog
+):
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    out = copy_of(vae_run, tmp_path)  # holds a finished 2-step VAE run
+    monkeypatch.setattr(train_vae_module, "batch_indices", interrupt)
+    argv = ["train", "vae", "--out", out, "--data", data, *VAE_FLAGS, "--steps", "4"]
+    code, text = run_cli(argv, capsys, caplog)
+    assert code == 130 and "nothing of it is saved" in text
+
+
+def test_resume_may_change_a_non_zero_ema_decay_but_not_turn_it_off(
+    vae_run, tmp_path, capsys, caplog
+):
+    out = copy_of(vae_run, tmp_path)
+    argv = ["train", "ebm", "--checkpoint", out, *EBM_FLAGS, "--ema-decay", "0.9"]
+    assert run_cli([*argv, "--steps", "1"], capsys, caplog)[0] == 0
+    resumed = [*argv[:-1], "0.99", "--steps", "2", "--resume"]
+    assert run_cli(resumed, capsys, caplog)[0] == 0
+    off = [*argv[:-1], "0", "--steps", "3", "--resume"]
+    assert_refused(off, "--ema-decay 0 does not fit the saved run", capsys, caplog)
+
+
 def test_ood_names_cannot_leave_the_output_directory(tiny_checkpoint, tmp_path, capsys, caplog):
     out = tmp_path / "deep" / "ev14"
     argv = ["evaluate", "--checkpoint", tiny_checkpoint, "--in", "noise:4", "--out", out]

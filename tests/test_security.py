@@ -97,6 +97,11 @@ def test_every_protected_route_needs_a_key_in_either_header(
         {"X-API-Key": KEY, "Authorization": f"Bearer {WRONG_KEY}"},
         {"X-API-Key": WRONG_KEY, "Authorization": f"Bearer {KEY}"},
         {"X-API-Key": KEY, "Authorization": f"Basic {KEY}"},
+        # a repeated header: each value counts, whichever comes first
+        [("X-API-Key", KEY), ("X-API-Key", WRONG_KEY)],
+        [("X-API-Key", WRONG_KEY), ("X-API-Key", KEY)],
+        [("X-API-Key", KEY), ("X-API-Key", WRONG_KEY), ("X-API-Key", KEY)],
+        [("Authorization", f"Bearer {KEY}"), ("Authorization", f"Bearer {WRONG_KEY}")],
     ]
     for headers in refused:
         response = keyed_client.request(method, path, headers=headers, **kwargs)

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
-from service.middleware import BodyLimitsMiddleware
+from service.middleware import BodyLimitsMiddleware, route_template
 from service.runtime import ClientGone
 from tests.test_service_api import assert_problem, png, settings_for
 
@@ -77,6 +77,15 @@ def test_requests_refused_before_routing_count_under_their_route(client: TestCli
     counts = request_counts(client)
     assert counts[("POST", "/score", "413")] == before + 1
     assert not any(route == "/no-such-path" for _, route, _ in counts)
+
+
+def test_route_labels_of_unrouted_requests(client: TestClient) -> None:
+    """Behind a proxy prefix (root_path) the API's path still counts; other paths never."""
+    app = client.app
+    assert route_template({"path": "/score", "app": app}) == "/score"
+    assert route_template({"path": "/api/score", "root_path": "/api", "app": app}) == "/score"
+    assert route_template({"path": "/api/nope", "root_path": "/api", "app": app}) == "unmatched"
+    assert route_template({"path": "/etc/passwd", "app": app}) == "unmatched"
 
 
 def test_a_body_that_stops_arriving_gets_a_408() -> None:

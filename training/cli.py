@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import sys
+import time
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -173,6 +174,7 @@ def _train(ns: argparse.Namespace) -> int:
         train_ebm.check_args(ebm_args, prefix)
     ctx = setup_distributed(ns.device)
     stage, out = "vae", Path(ns.out)
+    started = time.time()
     try:
         if vae_args is not None:
             log.info("VAE stage done: %s", train_vae.train_vae(vae_args, ctx))
@@ -185,22 +187,35 @@ def _train(ns: argparse.Namespace) -> int:
         log.error("training diverged: %s. The last good checkpoint is kept.", exc)
         return 3
     except KeyboardInterrupt:
-        log.error("%s", interrupted_training(stage, out))
+        vae_done = ns.stage == "all" and stage == "ebm"
+        log.error("%s", interrupted_training(stage, out, since=started, vae_done=vae_done))
         return EXIT_INTERRUPTED
     finally:
         teardown_distributed(ctx)
     return 0
 
 
-def interrupted_training(stage: str, out: Path) -> str:
-    """One line for Ctrl-C in a training stage: what is saved, and how to go on."""
+def interrupted_training(stage: str, out: Path, *, since: float, vae_done: bool) -> str:
+    """One line for Ctrl-C in a training stage: what is saved, and how to go on.
+
+    Only a checkpoint written since ``since`` (the command's start) counts: an older run
+    in the same folder is not this one's progress. ``vae_done``: ``train all`` was in its
+    EBM stage, so the finished VAE is kept, and ``--resume`` skips to the EBM stage.
+    """
     from model.checkpoint import CheckpointError, read_config
 
     try:
-        step = read_config(out)["training"].get(stage, {}).get("completed_steps")
-    except (CheckpointError, KeyError):
+        fresh = (out / "config.json").stat().st_mtime >= since
+        step = read_config(out)["training"].get(stage, {}).get("completed_steps") if fresh else None
+    except (OSError, CheckpointError, KeyError):
         step = None
     name = stage.upper()
+    if step is None and vae_done:
+        return (
+            f"interrupted in the {name} stage before its first checkpoint; the finished VAE "
+            f"stage is saved in {out}: run the same command with --resume to keep it and "
+            "start the EBM stage afresh"
+        )
     if step is None:
         return (
             f"interrupted in the {name} stage before its first checkpoint: nothing of it is "

@@ -27,7 +27,7 @@ from model.energy import ENERGY_HEADS, EnergyConfig, EnergyNet
 from model.likelihood import to_unit_range
 from model.vaebm import VAEBM, PersistentBuffer
 from training.data import ImageShape, checkpoint_split, load_dataset
-from training.flags import checked, flag_name
+from training.flags import FlagError, checked, flag_name
 from training.runtime import (
     DistContext,
     DivergenceError,
@@ -53,7 +53,9 @@ STATE_NAME = "train_state_ebm.pt"
 CD_INPUTS = ("sample", "mean")
 CORRUPTION_PAIRS = ("own", "all")
 # Settings a resumed run must share with the saved one: they shape the saved state.
-RESUME_FIELDS = ("energy_hidden", "energy_head", "buffer_size", "ema_decay")
+# Flags a resumed run must keep: they shape the saved weights and buffer. --ema-decay may
+# change between non-zero values (the decay is not state), but not to or from 0.
+RESUME_FIELDS = ("energy_hidden", "energy_head", "buffer_size")
 
 
 @dataclass
@@ -242,6 +244,13 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext, prefix: str = "") -> dict:
     if args.resume:
         check_resumable(out, STATE_NAME, "ebm", args, RESUME_FIELDS, prefix)
     state = load_state(out / STATE_NAME) if args.resume else None
+    if state is not None and ("ema" in state) != (args.ema_decay > 0):
+        saved = "a moving average" if "ema" in state else "no moving average"
+        raise FlagError(
+            f"--resume: {flag_name('ema_decay', prefix)} {args.ema_decay:g} does not fit the "
+            f"saved run, which keeps {saved} of the energy's weights; resume with "
+            f"{flag_name('ema_decay', prefix)} {'above 0' if 'ema' in state else '0'}"
+        )
     torch.manual_seed(args.seed)
     # Resuming, the in-progress checkpoint holds the same frozen VAE.
     model, info = load_checkpoint(out if args.resume else args.checkpoint, ctx.device)
