@@ -91,6 +91,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         executor.shutdown(wait=False, cancel_futures=True)
         raise StartupError(message) from exc
     app.state.runtime = runtime
+    app.state.stopping = False  # an app may be started again after a shutdown (tests do)
     app.state.ready = True
     app.state.metrics.ready.set(1)
     logger.info(
@@ -145,6 +146,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.warmup_seconds = None
     app.state.startup_error = None
     app.state.samples_running = 0
+    # Whether a shutdown can wait no longer for long work (which then stops with a 503
+    # instead of being cancelled): `service.main.serve` sets a ShutdownDeadline on uvicorn.
+    app.state.draining = lambda: app.state.stopping
     install_error_handlers(app)
     app.include_router(api_router)
     # add_middleware wraps: the last added runs first (outermost).

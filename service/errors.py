@@ -77,6 +77,28 @@ class ProblemError(StarletteHTTPException):
         }
 
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request its client abandoned
+
+
+class ClientGone(ProblemError):
+    """The client disconnected before its request finished, so its work stopped.
+
+    Nobody reads the response; the status, nginx's 499, is for the logs and metrics.
+    """
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            CLIENT_CLOSED_REQUEST, "client-closed-request", detail, title="Client Closed Request"
+        )
+
+
+class ShuttingDown(ProblemError):
+    """The service began shutting down while the request's long work was under way."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(503, "not-ready", detail, headers={"Retry-After": "5"})
+
+
 def field_error(field: str, msg: str, type_: str = "value_error") -> dict[str, str]:
     """One ``errors`` entry of a validation problem, for a field of the request body."""
     return {"loc": f"body.{field}", "msg": msg, "type": type_}

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from service.app import create_app
+from service.cancellation import ShutdownDeadline
 from service.logs import configure_logging
 from service.settings import ENV_PREFIX, Settings
 
@@ -99,6 +100,7 @@ def serve(argv: list[str] | None = None) -> int:
         server_header=False,
     )
     server = uvicorn.Server(config)
+    app.state.draining = ShutdownDeadline(lambda: server.should_exit, settings.graceful_timeout_s)
     with _absorb_reraised_signals():
         try:
             server.run()

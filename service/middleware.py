@@ -13,10 +13,16 @@ import time
 import uuid
 from typing import Any
 
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import TYPE_PREFIX, ProblemError, problem_response, problem_type
+from service.errors import (
+    CLIENT_CLOSED_REQUEST,
+    ClientGone,
+    ProblemError,
+    problem_response,
+    problem_type,
+)
 from service.logs import request_id_var
 
 logger = logging.getLogger("service.access")
@@ -24,6 +30,13 @@ logger = logging.getLogger("service.access")
 REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 UNMATCHED_ROUTE = "unmatched"
+
+
+def _has_body(scope: Scope) -> bool:
+    """Whether the request announces a body (a non-zero Content-Length, or chunks)."""
+    length = _header(scope, b"content-length")
+    chunked = "chunked" in (_header(scope, b"transfer-encoding") or "").lower()
+    return chunked or (length is not None and length.strip() not in ("", "0"))
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -53,7 +66,14 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = rid
         token = request_id_var.set(rid)
         state: dict[str, Any] = {"status": 500, "started": False}
+        state["body_pending"] = _has_body(scope)
         extra_headers = _model_headers(scope)
+
+        async def receive_wrapper() -> Message:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                state["body_pending"] = False
+            return message
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -63,11 +83,16 @@ class RequestContextMiddleware:
                 headers[REQUEST_ID_HEADER] = rid
                 for key, value in extra_headers.items():
                     headers.setdefault(key, value)
+                if state["body_pending"]:
+                    # Answered before the body was read (a 401, 404, 405, 415...): close
+                    # the connection, else the server reads and drops the rest of the
+                    # body, without any size limit, to reuse the connection.
+                    headers["Connection"] = "close"
             await send(message)
 
         started = time.perf_counter()
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive_wrapper, send_wrapper)
         except Exception:
             logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if state["started"]:
@@ -118,8 +143,8 @@ def route_template(scope: Scope) -> str:
     which would be an unbounded label.
     """
     route = scope.get("route")
-    if route is not None:
-        return getattr(route, "path", None) or UNMATCHED_ROUTE
+    if getattr(route, "path", None):
+        return route.path
     app = scope.get("app")
     path = scope["path"].removeprefix(scope.get("root_path", ""))  # behind a proxy prefix
     if app is not None and path in _api_paths(app):
@@ -128,10 +153,14 @@ def route_template(scope: Scope) -> str:
 
 
 def _api_paths(app: Any) -> frozenset[str]:
-    """The paths of the app's OpenAPI schema, computed once per app."""
+    """The paths of the app's OpenAPI schema and of its own plain routes (``/docs``,
+    ``/openapi.json``), computed once per app."""
     paths = getattr(app.state, "api_paths", None)
     if paths is None:
-        paths = frozenset(app.openapi()["paths"])
+        plain = {
+            route.path for route in app.routes if isinstance(getattr(route, "path", None), str)
+        }
+        paths = frozenset(app.openapi()["paths"]) | plain
         app.state.api_paths = paths
     return paths
 
@@ -149,12 +178,11 @@ def _model_headers(scope: Scope) -> dict[str, str]:
     }
 
 
-def body_too_large(limit: int, detail: str | None = None) -> ProblemError:
+def body_too_large(limit: int, limit_name: str = "VAEBM_MAX_UPLOAD_BYTES") -> ProblemError:
     return ProblemError(
         413,
         "request-too-large",
-        detail
-        or f"the request body exceeds the limit of {limit} bytes (VAEBM_MAX_UPLOAD_BYTES); "
+        f"the request body exceeds the limit of {limit} bytes ({limit_name}); "
         "send fewer or smaller files",
         # Close the connection: else the server keeps reading (and dropping) the rest of
         # a body it has already refused, for as long as the client sends it.
@@ -173,6 +201,10 @@ def body_timed_out(timeout_s: float) -> ProblemError:
 
 
 _REFUSED_WHILE_READING = (408, 413)
+JSON_MEDIA_TYPE = "application/json"
+# The one JSON body, /sample's, is a few hundred bytes; parsing megabytes of JSON would
+# hold the event loop (60 MB: 1.3 s) for what can only be a 422.
+MAX_JSON_BYTES = 64 * 1024
 
 
 class BodyLimitsMiddleware:
@@ -201,19 +233,32 @@ class BodyLimitsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        encoding = (_header(scope, b"content-encoding") or "identity").strip().lower()
-        if encoding != "identity":
-            detail = f"Content-Encoding {encoding!r} is not supported; send the body uncompressed"
-            await self._refuse(scope, receive, send, 415, "unsupported-media-type", detail)
+        headers = Headers(scope=scope)
+        codings = [
+            coding.strip().lower()
+            for value in headers.getlist("content-encoding")  # every header line counts
+            for coding in value.split(",")
+        ]
+        if any(coding not in ("", "identity") for coding in codings):
+            detail = (
+                f"Content-Encoding {', '.join(codings)!r} is not supported; send the body "
+                "uncompressed"
+            )
+            await self._refuse(
+                scope, receive, send, ProblemError(415, "unsupported-media-type", detail)
+            )
             return
-        declared = _header(scope, b"content-length")
+        max_bytes, limit_name = self.max_bytes, "VAEBM_MAX_UPLOAD_BYTES"
+        if headers.get("content-type", "").partition(";")[0].strip().lower() == JSON_MEDIA_TYPE:
+            max_bytes, limit_name = min(max_bytes, MAX_JSON_BYTES), "the limit for JSON bodies"
+        declared = headers.get("content-length")
         declared_bytes = int(declared) if declared and declared.strip().isdigit() else None
-        if declared_bytes is not None and declared_bytes > self.max_bytes:
+        if declared_bytes is not None and declared_bytes > max_bytes:
             detail = (
                 f"the request declares {declared_bytes} bytes, above the limit of "
-                f"{self.max_bytes} bytes (VAEBM_MAX_UPLOAD_BYTES); send fewer or smaller files"
+                f"{max_bytes} bytes ({limit_name}); send fewer or smaller files"
             )
-            await self._refuse(scope, receive, send, 413, "request-too-large", detail)
+            await self._refuse(scope, receive, send, ProblemError(413, "request-too-large", detail))
             return
         received = 0
         body_done = False
@@ -230,8 +275,10 @@ class BodyLimitsMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
-                if received > self.max_bytes:
-                    raise body_too_large(self.max_bytes)
+                if received > max_bytes:
+                    raise body_too_large(max_bytes, limit_name)
+            elif message["type"] == "http.disconnect":  # gone before its body was sent
+                raise ClientGone(f"the client left after sending {received} bytes of the body")
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -243,18 +290,16 @@ class BodyLimitsMiddleware:
         try:
             await self.app(scope, limited_receive, tracking_send)
         except ProblemError as exc:
-            if started or exc.status not in _REFUSED_WHILE_READING:
+            if started or exc.status not in (*_REFUSED_WHILE_READING, CLIENT_CLOSED_REQUEST):
                 raise
-            slug = exc.type.removeprefix(TYPE_PREFIX)
-            await self._refuse(scope, receive, send, exc.status, slug, exc.detail)
+            await self._refuse(scope, receive, send, exc)
 
-    async def _refuse(
-        self, scope: Scope, receive: Receive, send: Send, status: int, slug: str, detail: str
-    ) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, exc: ProblemError) -> None:
         response = problem_response(
-            status,
-            detail,
-            type_=problem_type(slug),
+            exc.status,
+            exc.detail,
+            type_=exc.type,
+            title=exc.title,
             instance=scope["path"],
             request_id=scope.get("state", {}).get("request_id"),
             headers={"Connection": "close"},

@@ -38,10 +38,6 @@ class StartupError(RuntimeError):
     """The service cannot start: the message says why and what to do."""
 
 
-class ClientGone(Exception):
-    """The client disconnected before its long-running request finished."""
-
-
 @dataclass
 class ModelRuntime:
     """A loaded, calibrated model on its device, with its micro-batcher."""
@@ -93,19 +89,19 @@ class ModelRuntime:
         step_size: float,
         seed: int,
         *,
-        client_gone: Callable[[], Awaitable[bool]] | None = None,
+        before_step: Callable[[int], Awaitable[None]] | None = None,
     ) -> np.ndarray:
         """n samples as uint8 (n, C, H, W); the same seed gives the same images.
 
         Each Langevin step is its own job on the model thread, so scoring batches that
         arrive meanwhile run between two steps: a long sample delays ``/score`` by one
-        step, not by the whole chain. Before every step ``client_gone`` is asked, and a
-        client that has left stops the work (:class:`ClientGone`).
+        step, not by the whole chain. ``before_step(done)`` runs before every step and
+        may stop the work by raising (``service.cancellation.step_check``).
         """
         noise, generator = await self.run(self.model.start_chains, n, seed)
         for done in range(steps):
-            if client_gone is not None and await client_gone():
-                raise ClientGone(f"the client left; sampling stopped after {done} of {steps} steps")
+            if before_step is not None:
+                await before_step(done)
             noise = await self.run(
                 partial(
                     self.model.langevin, noise, steps=1, step_size=step_size, generator=generator

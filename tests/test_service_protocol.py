@@ -9,14 +9,16 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
-from service.middleware import BodyLimitsMiddleware, route_template
-from service.runtime import ClientGone
+from service.cancellation import ShutdownDeadline, step_check
+from service.errors import ClientGone, ProblemError
+from service.middleware import MAX_JSON_BYTES, BodyLimitsMiddleware, route_template
 from tests.test_service_api import assert_problem, png, settings_for
 
 
@@ -201,18 +203,60 @@ def test_scoring_runs_between_the_steps_of_a_long_sample(
 
 def test_a_sample_stops_when_its_client_is_gone(client: TestClient) -> None:
     runtime = client.app.state.runtime
-    asked = []
+    asked: list[int] = []
 
-    async def gone_after_three() -> bool:
-        asked.append(1)
-        return len(asked) > 3
+    async def gone_after_three(done: int) -> None:
+        asked.append(done)
+        if done == 3:
+            raise ClientGone(f"the client left; sampling stopped after {done} of 40 steps")
 
     async def draw() -> None:
-        await runtime.sample_uint8(2, 40, 1e-3, 5, client_gone=gone_after_three)
+        await runtime.sample_uint8(2, 40, 1e-3, 5, before_step=gone_after_three)
 
     with pytest.raises(ClientGone, match="sampling stopped after 3 of 40 steps"):
         client.portal.call(draw)
-    assert len(asked) == 4
+    assert asked == [0, 1, 2, 3]
+
+
+class FakeRequest:
+    """What ``step_check`` reads of a request: the app's draining flag, the connection."""
+
+    def __init__(self, draining: bool, disconnected: bool) -> None:
+        self.app = SimpleNamespace(state=SimpleNamespace(draining=lambda: draining))
+        self.disconnected = disconnected
+
+    async def is_disconnected(self) -> bool:
+        return self.disconnected
+
+
+@pytest.mark.parametrize(
+    ("draining", "disconnected", "expected"),
+    [(False, False, None), (False, True, 499), (True, False, 503), (True, True, 503)],
+)
+def test_step_check_stops_for_a_shutdown_or_a_departed_client(
+    draining: bool, disconnected: bool, expected: int | None
+) -> None:
+    check = step_check(FakeRequest(draining, disconnected), "sampling", 10)  # type: ignore[arg-type]
+    if expected is None:
+        asyncio.run(check(4))
+        return
+    with pytest.raises(ProblemError) as caught:
+        asyncio.run(check(4))
+    assert caught.value.status == expected
+    assert "sampling stopped after 4 of 10 steps" in caught.value.detail
+
+
+def test_an_abandoned_batch_is_dropped_from_the_queue() -> None:
+    """unless_client_leaves cancels the submission; the batcher skips cancelled images."""
+    from service.cancellation import unless_client_leaves
+
+    async def scenario() -> tuple[bool, bool]:
+        never = asyncio.get_running_loop().create_future()  # a batch that never comes back
+        with pytest.raises(ClientGone):
+            await unless_client_leaves(FakeRequest(False, True), never)  # type: ignore[arg-type]
+        return never.cancelled(), never.done()
+
+    assert asyncio.run(scenario()) == (True, True)
 
 
 def test_steps_one_at_a_time_give_the_same_sample(client: TestClient) -> None:
@@ -234,3 +278,61 @@ def test_steps_one_at_a_time_give_the_same_sample(client: TestClient) -> None:
     assert np.abs(stepped.astype(int) - whole.astype(int)).max() <= 1
     other_seed = to_uint8(runtime.model.sample(3, steps=5, step_size=1e-3, seed=12)).cpu().numpy()
     assert np.abs(stepped.astype(int) - other_seed.astype(int)).max() > 1
+
+
+def test_a_shutdown_deadline_lets_work_finish_until_shortly_before_the_cancel() -> None:
+    now = [100.0]
+    stopping = [False]
+    deadline = ShutdownDeadline(lambda: stopping[0], grace_s=30.0, clock=lambda: now[0])
+    assert not deadline()
+    stopping[0] = True
+    assert not deadline()  # the shutdown starts now: 29 s left for the work
+    now[0] += 28.9
+    assert not deadline()
+    now[0] += 0.1
+    assert deadline()  # one second before uvicorn would cancel
+
+
+def test_a_response_sent_before_the_body_was_read_closes_the_connection(
+    client: TestClient,
+) -> None:
+    """Else the server reads and drops the rest of the body, with no limit, to reuse the
+    connection: gigabytes, for a 404 or a 415."""
+    body = b"x" * 1000
+    for response in (
+        client.post("/no-such-path", content=body),
+        client.post("/score", content=body, headers={"Content-Type": "application/json"}),
+    ):
+        assert response.status_code in (404, 415)
+        assert response.headers["connection"] == "close"
+    read = client.post("/score", files={"file": ("a.png", png(), "image/png")})
+    assert read.status_code == 200 and "connection" not in read.headers
+    assert "connection" not in client.get("/healthz").headers
+
+
+def test_json_bodies_have_a_small_limit(client: TestClient) -> None:
+    big = b'{"n": 1, "pad": "' + b"x" * (MAX_JSON_BYTES + 1) + b'"}'
+    response = client.post("/sample", content=big, headers={"Content-Type": "application/json"})
+    assert_problem(
+        response,
+        413,
+        f"the request declares {len(big)} bytes, above the limit of {MAX_JSON_BYTES} bytes "
+        "(the limit for JSON bodies); send fewer or smaller files",
+        "request-too-large",
+    )
+
+
+def test_every_content_encoding_header_line_counts(client: TestClient) -> None:
+    headers = [("Content-Encoding", "identity"), ("Content-Encoding", "gzip")]
+    response = client.post("/sample", json={"n": 1, "steps": 0}, headers=headers)
+    assert_problem(
+        response,
+        415,
+        "Content-Encoding 'identity, gzip' is not supported; send the body uncompressed",
+        "unsupported-media-type",
+    )
+
+
+def test_the_docs_count_under_their_own_route(client: TestClient) -> None:
+    assert client.get("/openapi.json").status_code == 200
+    assert request_counts(client)[("GET", "/openapi.json", "200")] >= 1

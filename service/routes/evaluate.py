@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from model.metrics import METRIC_DESCRIPTIONS, ood_metrics
+from service.cancellation import unless_client_leaves
 from service.deps import ReferencesDep, RuntimeDep, SettingsDep
 from service.errors import ProblemError
 from service.references import ReferenceScores
@@ -39,7 +40,11 @@ CONVENTIONS = {
 
 
 async def score_uploads(
-    uploads: list[UploadFile], field: str, settings: Settings, runtime: ModelRuntime
+    uploads: list[UploadFile],
+    field: str,
+    request: Request,
+    settings: Settings,
+    runtime: ModelRuntime,
 ) -> dict[str, np.ndarray]:
     """All scores of uploaded images; the first bad image fails the request (its problem)."""
     decoded = await decode_uploads(uploads, settings, runtime)
@@ -49,7 +54,7 @@ async def score_uploads(
             outcome.detail = f"{field}[{i}] ({upload.filename}): {outcome.detail}"
             raise outcome
         images.append(outcome[0])
-    results = await runtime.batcher.submit_many(images)
+    results = await unless_client_leaves(request, runtime.batcher.submit_many(images))
     return {name: np.array([r[name] for r in results]) for name in runtime.calibration.score_names}
 
 
@@ -92,6 +97,7 @@ def score_metrics(
 )
 async def evaluate(
     files: Annotated[list[UploadFile], File(description="OOD candidate images")],
+    request: Request,
     runtime: RuntimeDep,
     settings: SettingsDep,
     references: ReferencesDep,
@@ -117,9 +123,9 @@ async def evaluate(
         check_file_count(len(in_files), settings, "in_files")
     else:
         ref = await references.get(reference or CALIBRATION_REFERENCE)  # 422 if unknown
-    ood = await score_uploads(files, "files", settings, runtime)
+    ood = await score_uploads(files, "files", request, settings, runtime)
     if in_files:
-        in_scores = await score_uploads(in_files, "in_files", settings, runtime)
+        in_scores = await score_uploads(in_files, "in_files", request, settings, runtime)
         ref = ReferenceScores("upload", "upload", in_scores, len(in_files))
     metrics, unavailable = score_metrics(ref, ood, runtime)
     return EvaluateResponse(

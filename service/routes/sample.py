@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -12,16 +11,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from model.grid import encode_png, image_grid
+from service.cancellation import step_check
 from service.deps import MetricsDep, RuntimeDep, SettingsDep
 from service.errors import ProblemError, field_error, validation_problem
 from service.routes.common import PROBLEM_RESPONSES, problem_doc
-from service.runtime import ClientGone
 from service.schemas import ModelRef, SampleImage, SampleRequest, SampleResponse
 from service.settings import Settings
 
 router = APIRouter(tags=["sample"])
-logger = logging.getLogger(__name__)
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request its client abandoned
 
 
 async def sample_slot(request: Request, settings: SettingsDep) -> AsyncIterator[None]:
@@ -85,21 +82,16 @@ async def sample(
 ) -> Response | SampleResponse:
     """Langevin samples; the same seed (and n, steps, step_size) gives the same bytes.
 
-    The work stops when the client disconnects (status 499 in the logs and metrics).
+    The work stops when the client disconnects (status 499 in the logs and metrics) or
+    the service starts shutting down (503).
     """
     check_caps(body, settings)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**63)
     step_size = body.step_size or runtime.info.langevin_step_size
     started = time.perf_counter()
-    try:
-        images = await runtime.sample_uint8(
-            body.n, body.steps, step_size, seed, client_gone=request.is_disconnected
-        )
-    except ClientGone as exc:
-        logger.info("%s", exc)
-        raise ProblemError(
-            CLIENT_CLOSED_REQUEST, "client-closed-request", str(exc), title="Client Closed Request"
-        ) from exc
+    images = await runtime.sample_uint8(
+        body.n, body.steps, step_size, seed, before_step=step_check(request, "sampling", body.steps)
+    )
     metrics.inference_latency.labels("sample").observe(time.perf_counter() - started)
     channels, height, width = runtime.image_shape
     if body.format == "png":

@@ -7,8 +7,9 @@ from dataclasses import asdict
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 
+from service.cancellation import unless_client_leaves
 from service.deps import MetricsDep, RuntimeDep, SettingsDep
 from service.errors import ProblemError
 from service.imaging import ImageInfo
@@ -113,6 +114,7 @@ async def score_image(
 )
 async def score_batch(
     files: Annotated[list[UploadFile], File(description="the images, in order")],
+    request: Request,
     runtime: RuntimeDep,
     settings: SettingsDep,
     metrics: MetricsDep,
@@ -123,7 +125,8 @@ async def score_batch(
     score_name = decision_score(runtime, score)
     decoded = await decode_uploads(files, settings, runtime)
     good = [i for i, d in enumerate(decoded) if not isinstance(d, ProblemError)]
-    scored = await runtime.batcher.submit_many([decoded[i][0] for i in good])  # type: ignore[index]
+    images = [decoded[i][0] for i in good]  # type: ignore[index]
+    scored = await unless_client_leaves(request, runtime.batcher.submit_many(images))
     by_index = dict(zip(good, scored, strict=True))
     items = []
     for i, (upload, outcome) in enumerate(zip(files, decoded, strict=True)):
