@@ -31,6 +31,10 @@ echo "== CPU against CUDA $(date +%T)"
 timeout 120 python3 benchmarks/cuda_check.py --checkpoint checkpoints/fashion-mnist \
   --data "$data/t10k-images-idx3-ubyte.gz@0:1000" --out "$out/cuda-check.json" \
   > "$out/cuda-check.log" 2>&1; echo "cuda_check rc $?"; tail -n 5 "$out/cuda-check.log"
+echo "== /sample stepped one job per Langevin step against one call $(date +%T)"
+timeout 60 python3 benchmarks/sample_stepping.py --checkpoint checkpoints/fashion-mnist \
+  --device cuda --n 64 --steps 200 --repeats 3 --out "$out/sample-stepping-cuda.json" \
+  2>&1 | tail -n 3
 echo "== EBM training speed, the shipped recipe's first stage, 90 s $(date +%T)"
 source benchmarks/shipped_ebm_flags.sh
 timeout 90 python3 -m training.cli train ebm --checkpoint checkpoints/fashion-mnist \
