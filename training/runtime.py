@@ -146,7 +146,7 @@ def restoring(path: Path) -> Iterator[None]:
     optimizer of other parameters, ...) as a CheckpointError naming the file."""
     try:
         yield
-    except CheckpointError:
+    except (CheckpointError, torch.OutOfMemoryError):  # the device's fault, not the file's
         raise
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
         raise CheckpointError(
