@@ -13,8 +13,9 @@ import logging
 import math
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import uvicorn
 from pydantic import ValidationError
@@ -32,8 +33,18 @@ EXIT_BAD_CONFIG = 2
 EXIT_STARTUP_FAILED = 3
 
 
+FLAGS = ("host", "port", "checkpoint", "device")  # settings the command line may override
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line with a pointer to --help (not the usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_CONFIG, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="vaebm serve",
         description=(
             f"Serve OOD scores over HTTP. Every setting comes from {ENV_PREFIX}* environment "
@@ -51,13 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line per bad setting, named by its environment variable (values not echoed)."""
+def describe_validation_error(exc: ValidationError, from_flags: Collection[str] = ()) -> str:
+    """One line per bad setting, named as the user gave it: the flag for ``from_flags``,
+    else its environment variable (values not echoed)."""
     lines = []
     for err in exc.errors():
         field = str(err["loc"][0]) if err["loc"] else "?"
-        lines.append(f"{ENV_PREFIX}{field.upper()}: {err['msg']}")
+        name = f"--{field}" if field in from_flags else f"{ENV_PREFIX}{field.upper()}"
+        lines.append(f"{name}: {err['msg']}")
     return "; ".join(lines)
+
+
+class BadSettings(ValueError):
+    """Settings that do not validate; the message names each one as the user gave it."""
 
 
 def load_settings(argv: list[str] | None) -> Settings:
@@ -65,21 +82,20 @@ def load_settings(argv: list[str] | None) -> Settings:
     if argv and argv[0] == "--":  # `vaebm serve -- --port 9000`: the separator is not ours
         argv = argv[1:]
     ns = build_parser().parse_args(argv)
-    overrides = {
-        key: value
-        for key, value in vars(ns).items()
-        if value is not None and key in ("host", "port", "checkpoint", "device")
-    }
-    return Settings(**overrides)
+    overrides = {key: value for key, value in vars(ns).items() if value is not None}
+    try:
+        return Settings(**{key: overrides[key] for key in FLAGS if key in overrides})
+    except ValidationError as exc:
+        raise BadSettings(describe_validation_error(exc, overrides)) from exc
 
 
 def serve(argv: list[str] | None = None) -> int:
     """Run the service until SIGTERM/SIGINT; returns the process exit status."""
     try:
         settings = load_settings(argv)
-    except ValidationError as exc:
+    except BadSettings as exc:
         configure_logging()
-        logger.error("invalid configuration: %s", describe_validation_error(exc))
+        logger.error("invalid configuration: %s", exc)
         return EXIT_BAD_CONFIG
     except SettingsError as exc:  # a VAEBM_* value that must be JSON and is not
         configure_logging()

@@ -145,6 +145,19 @@ def test_forward_pass_limit_defaults_by_device() -> None:
     assert forward_pass_limit(Settings(forward_max_images=5), cuda) == 5
 
 
+def test_serve_flag_errors_are_one_line_naming_the_flag(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        serve(["--bogus"])
+    assert exited.value.code == EXIT_BAD_CONFIG
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "unrecognized arguments: --bogus (see `vaebm serve --help`)" in err
+    assert serve(["--port", "99999"]) == EXIT_BAD_CONFIG
+    assert caplog.records[-1].getMessage().startswith("invalid configuration: --port: ")
+
+
 @pytest.mark.parametrize(
     ("variable", "value"),
     [("VAEBM_BATCH_MAX_SIZE", "0"), ("VAEBM_REFERENCE_SETS", "{bad json")],
