@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -240,6 +241,28 @@ def test_calibrate_checks_the_data_before_scoring(tiny_checkpoint, tmp_path, mon
         calibrate(calibrate_args(directory, data="noise:10", target_fpr=0.1))
     with pytest.raises(ValueError, match="--n-boot: must be an integer >= 1"):
         calibrate(calibrate_args(directory, n_boot=0))
+
+
+@pytest.mark.parametrize(
+    ("data", "settings", "expected"),
+    [
+        ("noise:4", {"default_score": "typicality_nats", "target_fpr": 0.5},
+         "more than 4 to be fitted; use at least 9 images or another --default-score"),
+        ("noise:2", {}, "at least 2 calibration images are needed for any --target-fpr (at "
+         "most 0.5); use at least 4 images"),
+        ("noise:10", {"target_fpr": 0.1}, "use at least 20 images or a --target-fpr of at "
+         "least 0.2"),
+    ],
+)  # fmt: skip
+def test_calibrate_says_how_many_images_it_needs_before_scoring(
+    data, settings, expected, tiny_checkpoint, tmp_path, monkeypatch
+):
+    import training.calibrate as calibrate_module
+
+    monkeypatch.setattr(calibrate_module, "score_dataset", lambda *a, **k: pytest.fail("scored"))
+    directory = fresh_copy(tiny_checkpoint, tmp_path)
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        calibrate(calibrate_args(directory, data=data, **settings))
 
 
 def test_evaluate_loads_every_set_before_scoring(tiny_checkpoint, tmp_path, monkeypatch):

@@ -95,6 +95,8 @@ FLAG_CASES = [
     (["sample", "--checkpoint", CKPT, "-n", "100000000", "--vae-only"], "-n"),
     (["sample", "--checkpoint", CKPT, "--step-size", "nan"], "--step-size"),
     (["sample", "--checkpoint", CKPT, "--step-size", "inf"], "--step-size"),
+    (["sample", "--checkpoint", CKPT, "--step-size", "1e300"], "--step-size"),
+    (["sample", "--checkpoint", CKPT, "--step-size", "1.5"], "--step-size"),
     (["sample", "--checkpoint", CKPT, "--seed", "-1"], "--seed"),
     (["train", "vae", "--energy-hidden", "-2"], "--energy-hidden"),
     (["train", "vae", "--energy-hidden", "0"], "--energy-hidden"),
@@ -220,6 +222,48 @@ def test_resume_with_another_architecture_names_the_flags(vae_run, data, tmp_pat
     assert "--latent-channels" not in text  # only what differs
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--seed", "1", "--seed 1 (saved run: 0)"),
+        ("--val-fraction", "0.5", "--val-fraction 0.5 (saved run: 0.25)"),
+        ("--data", "noise:64", "--data noise:64 (saved run:"),
+    ],
+)
+def test_resume_with_another_split_names_the_flag(
+    flag, value, expected, vae_run, data, tmp_path, capsys, caplog
+):
+    """The seed, data and validation share decide the split: changed on resuming,
+    validation images would move into training."""
+    out = copy_of(vae_run, tmp_path)
+    argv = ["train", "vae", "--out", out, "--data", data, *VAE_FLAGS, "--steps", "4", "--resume"]
+    assert_refused([*argv, flag, value], expected, capsys, caplog)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["train", "all", "--ebm-data", "{missing}"], "argument --ebm-data: {missing} does not"),
+        (["train", "all", "--ebm-data", "noise:x"], "argument --ebm-data: noise:x"),
+        (["train", "vae", "--data", "{missing}@0:5"], "argument --data: {missing}"),
+        (["calibrate", "--data", "noise:99999999999"], "from 1 to 1,000,000"),
+        (["calibrate", "--data", "constant:99999999999@0:5"], "argument --data: constant:"),
+        (["evaluate", "--checkpoint", "c", "--in", "noise:0", "--ood", "n=noise:2"], "--in"),
+        (["evaluate", "--checkpoint", "c", "--in", "noise:4", "--ood", "n={missing}"],
+         "--ood n: {missing} does not exist"),
+    ],
+)  # fmt: skip
+def test_a_data_spec_that_cannot_load_is_refused_before_any_work(
+    argv, expected, tmp_path, monkeypatch, capsys, caplog
+):
+    monkeypatch.chdir(tmp_path)
+    names = {"missing": tmp_path / "nonexist.npz"}
+    argv = [a.format(**names) for a in argv]
+    text = assert_refused(argv, expected.format(**names), capsys, caplog)
+    assert len(text.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_resume_of_an_ebm_state_of_another_architecture_names_the_file(
     vae_run, tmp_path, capsys, caplog
 ):
@@ -327,6 +371,27 @@ def test_ood_names_cannot_leave_the_output_directory(tiny_checkpoint, tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("in-distribution", "reserved for the --in set"), ("\u00fc", "ASCII letters")],
+)
+def test_ood_names_that_are_reserved_or_not_ascii_are_refused(
+    name, expected, tiny_checkpoint, tmp_path, capsys, caplog
+):
+    out = tmp_path / "ev"
+    argv = ["evaluate", "--checkpoint", tiny_checkpoint, "--in", "noise:4", "--out", out]
+    assert_refused([*argv, "--ood", f"{name}=noise:7"], expected, capsys, caplog)
+    assert not out.exists()
+
+
+def test_evaluate_help_names_the_reserved_name_and_the_required_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "'in-distribution'" in text
+    assert text.count("(required)") >= 3  # --checkpoint, --in, --ood
+
+
 @pytest.mark.parametrize("damage", ["other-weights", "truncated"])
 def test_evaluate_refuses_an_unusable_calibration_unless_told_to_ignore_it(
     damage, tiny_checkpoint, tmp_path, capsys, caplog
@@ -361,6 +426,109 @@ def test_paths_of_the_wrong_kind_are_named(
     names["file"].write_text("#!/bin/sh\n")
     argv = [a.format(**names) for a in argv]
     assert_refused(argv, expected.format(**names), capsys, caplog)
+
+
+@pytest.mark.parametrize(
+    ("command", "blocked"),
+    [
+        ("calibrate", "calibration_histograms.png"),
+        ("calibrate", "calibration_report.md"),
+        ("calibrate", "calibration.json"),
+        ("evaluate", "roc-n.png"),
+        ("evaluate", "metrics.json"),
+    ],
+)
+def test_an_output_file_that_is_a_directory_is_refused_before_scoring(
+    command, blocked, tiny_checkpoint, tmp_path, capsys, caplog
+):
+    checkpoint = copy_of(tiny_checkpoint, tmp_path)
+    out = checkpoint if command == "calibrate" else tmp_path / "ev"
+    target = out / blocked
+    if target.is_file():
+        target.unlink()
+    target.mkdir(parents=True)
+    before = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}
+    argv = [command, "--checkpoint", checkpoint, "--device", "cpu", "--iwae-k", "1"]
+    if command == "calibrate":
+        argv += ["--data", "noise:40", "--target-fpr", "0.5"]
+    else:
+        argv += ["--in", "noise:4", "--ood", "n=noise:4", "--out", out]
+    assert_refused(argv, f"{target} is a directory", capsys, caplog)
+    assert {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()} == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no scores: none computed
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (["--steps", "3"], "leave out --steps"),
+        (["--step-size", "0.1"], "leave out --step-size"),
+        (["--steps", "0", "--step-size", "0"], "leave out --steps and --step-size"),
+    ],
+)
+def test_sample_vae_only_refuses_langevin_settings(
+    given, expected, tiny_checkpoint, tmp_path, capsys, caplog
+):
+    argv = ["sample", "--checkpoint", tiny_checkpoint, "--vae-only", "--out", tmp_path / "s.png"]
+    assert_refused([*argv, *given], expected, capsys, caplog)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_too_many_latent_groups_name_the_flag(tmp_path, capsys, caplog):
+    argv = ["train", "vae", "--out", tmp_path / "r", "--latent-channels", "4", "4", "4"]
+    assert_refused(argv, "--latent-channels takes 1 or 2 values", capsys, caplog)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "prog"),
+    [
+        (["train", "vae", "--ebm-steps", "2"], "vaebm train vae"),
+        (["sample", "--checkpoint", "c", "--bogus"], "vaebm sample"),
+    ],
+)
+def test_an_unknown_flag_points_at_the_subcommand_help(argv, prog, tmp_path, capsys, caplog):
+    text = assert_refused(
+        [*argv, "--out", tmp_path / "r"], f"{prog}: error: unrecog", capsys, caplog
+    )
+    assert f"(see `{prog} --help`)" in text
+
+
+@pytest.mark.parametrize(
+    ("command", "advice"), [("sample", "to start over"), ("calibrate", "to resume")]
+)
+def test_ctrl_c_advice_fits_the_command(
+    command, advice, tiny_checkpoint, tmp_path, monkeypatch, capsys, caplog
+):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(VAEBM, "sample", interrupt)
+    monkeypatch.setattr("training.calibrate.score_dataset", interrupt)
+    argv = {
+        "sample": ["sample", "--out", tmp_path / "s.png"],
+        "calibrate": ["calibrate", "--data", "noise:40", "--target-fpr", "0.5"],
+    }[command]
+    checkpoint = copy_of(tiny_checkpoint, tmp_path)
+    code, text = run_cli([*argv, "--checkpoint", checkpoint, "--device", "cpu"], capsys, caplog)
+    assert code == 130
+    assert advice in text and ("resume" in text) == (command == "calibrate")
+
+
+@pytest.mark.parametrize("where", ["config", "new", "link"])
+def test_sample_out_inside_the_checkpoint_is_refused(
+    where, tiny_checkpoint, tmp_path, capsys, caplog
+):
+    checkpoint = copy_of(tiny_checkpoint, tmp_path)
+    before = (checkpoint / "config.json").read_bytes()
+    out = {"config": checkpoint / "config.json", "new": checkpoint / "s.png"}.get(where)
+    if where == "link":
+        (tmp_path / "alias").symlink_to(checkpoint)
+        out = tmp_path / "alias" / "config.json"
+    argv = ["sample", "--checkpoint", checkpoint, "-n", "2", "--vae-only", "--out", out]
+    assert_refused([*argv, "--device", "cpu"], "is inside --checkpoint", capsys, caplog)
+    assert (checkpoint / "config.json").read_bytes() == before
+    assert not (checkpoint / "s.png").exists()
 
 
 @pytest.mark.parametrize(("given", "expected"), [(None, 1e-4), ("0", 0.0), ("0.01", 0.01)])

