@@ -494,6 +494,12 @@ def test_an_unknown_flag_points_at_the_subcommand_help(argv, prog, tmp_path, cap
     assert f"(see `{prog} --help`)" in text
 
 
+def test_a_verbose_flag_after_the_command_says_where_it_goes(tmp_path, capsys, caplog):
+    argv = ["sample", "-v", "--checkpoint", "c", "--out", tmp_path / "s.png"]
+    text = assert_refused(argv, "unrecognized arguments: -v", capsys, caplog)
+    assert "-v goes before the command" in text
+
+
 @pytest.mark.parametrize(
     ("command", "advice"), [("sample", "to start over"), ("calibrate", "to resume")]
 )

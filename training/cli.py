@@ -39,7 +39,12 @@ class Parser(argparse.ArgumentParser):
     alone runs to twenty), pointing at ``--help`` instead; exit code 2 as argparse's."""
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        hint = f"see `{self.prog} --help`"
+        if message.startswith("unrecognized arguments:") and set(message.split()) & set(
+            GLOBAL_FLAGS
+        ):
+            hint = "-v goes before the command: `vaebm -v COMMAND ...`"
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} ({hint})\n")
 
 
 def field_descriptions(cls: type) -> dict[str, str]:
