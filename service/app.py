@@ -151,12 +151,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.draining = lambda: app.state.stopping
     install_error_handlers(app)
     app.include_router(api_router)
-    # add_middleware wraps: the last added runs first (outermost).
+    # add_middleware wraps: the last added runs first (outermost). The body limits wrap
+    # the key check, so that its 401s close connections whose body was not read.
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
     app.add_middleware(
         BodyLimitsMiddleware,
         max_bytes=settings.max_upload_bytes,
         timeout_s=settings.body_timeout_s,
     )
-    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
     app.add_middleware(RequestContextMiddleware)
     return app

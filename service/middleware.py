@@ -66,14 +66,7 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = rid
         token = request_id_var.set(rid)
         state: dict[str, Any] = {"status": 500, "started": False}
-        state["body_pending"] = _has_body(scope)
         extra_headers = _model_headers(scope)
-
-        async def receive_wrapper() -> Message:
-            message = await receive()
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                state["body_pending"] = False
-            return message
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -83,16 +76,11 @@ class RequestContextMiddleware:
                 headers[REQUEST_ID_HEADER] = rid
                 for key, value in extra_headers.items():
                     headers.setdefault(key, value)
-                if state["body_pending"]:
-                    # Answered before the body was read (a 401, 404, 405, 415...): close
-                    # the connection, else the server reads and drops the rest of the
-                    # body, without any size limit, to reuse the connection.
-                    headers["Connection"] = "close"
             await send(message)
 
         started = time.perf_counter()
         try:
-            await self.app(scope, receive_wrapper, send_wrapper)
+            await self.app(scope, receive, send_wrapper)
         except Exception:
             logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if state["started"]:
@@ -219,6 +207,8 @@ class BodyLimitsMiddleware:
     - Encoding: a ``Content-Encoding`` other than identity is refused (415): no route
       decompresses bodies, and reading compressed bytes as an image or JSON would fail
       with a misleading message.
+    - Unread bodies: a response that starts before the whole body has arrived (a 401
+      from the key check inside, a 404, a 415) closes the connection.
 
     Past a limit, reading the body raises a :class:`ProblemError` (an ``HTTPException``),
     which FastAPI lets through its body parsing to the problem handler.
@@ -261,7 +251,7 @@ class BodyLimitsMiddleware:
             await self._refuse(scope, receive, send, ProblemError(413, "request-too-large", detail))
             return
         received = 0
-        body_done = False
+        body_done = not _has_body(scope)
         started = False
 
         async def limited_receive() -> Message:
@@ -285,6 +275,11 @@ class BodyLimitsMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                if not body_done:
+                    # Answered before the body was read (a 401, 404, 405, 415...): close
+                    # the connection, else the server reads and drops the rest of the
+                    # body, without any size limit, to reuse the connection.
+                    MutableHeaders(scope=message)["Connection"] = "close"
             await send(message)
 
         try:

@@ -112,7 +112,13 @@ def test_a_body_that_stops_arriving_gets_a_408() -> None:
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": "POST", "path": "/score", "headers": []}
+    # a request with a body says so: by Content-Length (here) or chunked encoding
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/score",
+        "headers": [(b"content-length", b"9")],
+    }
     started = time.perf_counter()
     asyncio.run(middleware(scope, receive, send))
     assert time.perf_counter() - started < 5
@@ -145,7 +151,13 @@ def test_the_timeout_ends_with_the_body() -> None:
     async def send(message: dict) -> None:
         raise AssertionError("nothing should be sent")
 
-    scope = {"type": "http", "method": "POST", "path": "/score", "headers": []}
+    # a request with a body says so: by Content-Length (here) or chunked encoding
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/score",
+        "headers": [(b"content-length", b"9")],
+    }
     asyncio.run(middleware(scope, receive, send))
     assert waited == [{"type": "http.disconnect"}]
 

@@ -128,9 +128,7 @@ def split_for_calibration(args: CalibrateArgs, n_images: int) -> tuple[np.ndarra
 
 def calibration_images_needed(target_fpr: float) -> int:
     """The fewest calibration images n with 1/n <= target_fpr (the check's own rule)."""
-    n = max(2, math.ceil(1 / target_fpr))
-    while n > 2 and 1 / (n - 1) <= target_fpr:  # float rounding of 1/target_fpr
-        n -= 1
+    n = max(2, math.floor(1 / target_fpr))  # 1/n >= target_fpr: at most one short
     while not 1 / n <= target_fpr:
         n += 1
     return n

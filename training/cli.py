@@ -286,9 +286,9 @@ def _sample(ns: argparse.Namespace) -> int:
     from training.flags import check_outside, check_writable_file
 
     check_vae_only(ns)
-    model, info = load_checkpoint(ns.checkpoint, select_device(ns.device))
     check_writable_file(ns.out, "--out")
     check_outside(ns.out, ns.checkpoint, "--out", "--checkpoint")
+    model, info = load_checkpoint(ns.checkpoint, select_device(ns.device))
     steps = 0 if ns.vae_only else SAMPLE_STEPS if ns.steps is None else ns.steps
     # 0 is a step size too (the chains stay where they start, at the VAE's samples).
     step_size = info.langevin_step_size if ns.step_size is None else ns.step_size

@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 STATE_NAME = "train_state_ebm.pt"
 CD_INPUTS = ("sample", "mean")
 CORRUPTION_PAIRS = ("own", "all")
-# Settings a resumed run must share with the saved one: they shape the saved state.
 # Flags a resumed run must keep: they shape the saved weights and buffer. --ema-decay may
 # change between non-zero values (the decay is not state), but not to or from 0.
 RESUME_FIELDS = ("energy_hidden", "energy_head", "buffer_size")
