@@ -24,7 +24,6 @@ from model.checkpoint import (
     CheckpointError,
     atomic_write_bytes,
     describe_exception,
-    describe_mismatch,
     read_config,
 )
 from model.device import select_device
@@ -153,15 +152,6 @@ def restoring(path: Path) -> Iterator[None]:
             f"{path} does not fit this run ({describe_exception(exc)}); train afresh "
             "without --resume, or into another --out"
         ) from exc
-
-
-def load_matching(module: nn.Module, saved: dict[str, torch.Tensor], path: Path) -> None:
-    """``module.load_state_dict(saved)``, refusing another architecture in one line
-    instead of torch's list of every differing tensor."""
-    mismatch = describe_mismatch(module.state_dict(), saved)
-    if mismatch:
-        raise CheckpointError(f"{path} holds another architecture: {mismatch}")
-    module.load_state_dict(saved)
 
 
 def check_resumable(

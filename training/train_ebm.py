@@ -22,7 +22,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import training.flags as flags
-from model.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+from model.checkpoint import CheckpointInfo, load_checkpoint, load_state_strictly, save_checkpoint
 from model.energy import ENERGY_HEADS, EnergyConfig, EnergyNet
 from model.likelihood import to_unit_range
 from model.vaebm import VAEBM, PersistentBuffer
@@ -39,7 +39,6 @@ from training.runtime import (
     check_gradients,
     check_resumable,
     dataclass_dict,
-    load_matching,
     load_state,
     random_horizontal_flip,
     restoring,
@@ -372,7 +371,7 @@ def restore(
     average where this run has one) is a CheckpointError naming the file.
     """
     with restoring(path):
-        load_matching(energy, state["energy"], path)
+        load_state_strictly(energy, state["energy"], f"{path} holds another architecture")
         optimizer.load_state_dict(state["optimizer"])  # its saved lr is replaced every step
         if buffer is not None:
             buffer.load_state_dict(state["buffer"])

@@ -17,7 +17,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import training.flags as flags
-from model.checkpoint import CheckpointError, CheckpointInfo, read_config, save_checkpoint
+from model.checkpoint import (
+    CheckpointError,
+    CheckpointInfo,
+    load_state_strictly,
+    read_config,
+    save_checkpoint,
+)
 from model.energy import EnergyConfig, EnergyNet
 from model.likelihood import nats_to_bits_per_dim, to_unit_range
 from model.vae import SUPPORTED_CHANNELS, SUPPORTED_SIZES, VAE, VAEConfig
@@ -35,7 +41,6 @@ from training.runtime import (
     check_gradients,
     check_resumable,
     dataclass_dict,
-    load_matching,
     load_state,
     random_horizontal_flip,
     restoring,
@@ -211,7 +216,9 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
     step, seconds_before = 0, 0.0
     if state is not None:
         with restoring(out / STATE_NAME):
-            load_matching(vae, state["model"], out / STATE_NAME)
+            load_state_strictly(
+                vae, state["model"], f"{out / STATE_NAME} holds another architecture"
+            )
             optimizer.load_state_dict(state["optimizer"])
             set_rng_state(state["rng"])
             step = int(state["step"])
