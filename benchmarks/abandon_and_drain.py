@@ -1,11 +1,12 @@
-"""Over real HTTP: abandoned batches, an unread 1 GB body after a 401, SIGTERM mid-sample.
+"""Over real HTTP: abandoned batches, an unread 60 MB body after a 401, SIGTERM mid-sample.
 
 Starts ``vaebm serve`` (API keys on, a 5 s graceful timeout) on ``--port`` and prints:
 
 - how long a ``/score`` takes right after four 256-image ``/score/batch`` requests whose
   clients gave up after 0.3 s (their queued images must be dropped);
-- whether a 401 to a request declaring a 1 GB body closes the connection, and after how
-  many more bytes the server stops reading;
+- whether a 401 to a request declaring a 60 MB body (under the upload limit, so only
+  the key check refuses it) closes the connection, and after how many more bytes the
+  server stops reading;
 - what two 64-sample, 200-step ``/sample`` requests get when SIGTERM comes 2 s in, how
   long the server takes to exit, and how many tracebacks it logged.
 
@@ -90,7 +91,7 @@ def unread_body_after_401(port: int) -> None:
         sock.settimeout(10)
         head = (
             "POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
-            "boundary=B\r\nContent-Length: 1000000000\r\n\r\n"
+            "boundary=B\r\nContent-Length: 60000000\r\n\r\n"
         )
         sock.sendall(head.encode() + b"x" * 65536)
         answer = sock.recv(4096)
@@ -99,7 +100,7 @@ def unread_body_after_401(port: int) -> None:
         print(f"answer: {status_line}, Connection: close {closes}")
         sent = 0
         try:
-            for _ in range(2000):  # up to 131 MB more
+            for _ in range(900):  # up to 59 MB more: the whole declared body
                 sock.sendall(b"x" * 65536)
                 sent += 65536
         except OSError as exc:

@@ -238,9 +238,8 @@ def load_state_strictly(module: torch.nn.Module, state: Mapping[str, Any], what:
     """``module.load_state_dict(state, strict=True)``; a state of another architecture is
     a CheckpointError ``"{what}: <one-line summary>"`` instead of torch's line per tensor.
 
-    The summary is worked out only on failure: a ``state_dict()`` of the model before
-    every load left the service's heap larger after its warm-up (docs/load-test.md:
-    459.6 MiB resident when ready with it, at commit 44f3d72).
+    The summary is worked out only on failure, so a load that fits (every start-up)
+    builds no second state dict for it.
     """
     try:
         module.load_state_dict(state, strict=True)

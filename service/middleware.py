@@ -6,13 +6,13 @@ untouched and the byte count is enforced as the body arrives.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
 import uuid
 from typing import Any
 
+import anyio
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -258,9 +258,12 @@ class BodyLimitsMiddleware:
             nonlocal received, body_done
             if body_done:  # after the body only a disconnect can come: no time limit
                 return await receive()
+            # A cancel scope (anyio's, which Starlette runs on; asyncio.timeout needs
+            # Python 3.11), not asyncio.wait_for: no extra task per piece of the body.
             try:
-                message = await asyncio.wait_for(receive(), self.timeout_s)
-            except asyncio.TimeoutError:
+                with anyio.fail_after(self.timeout_s):
+                    message = await receive()
+            except TimeoutError:
                 raise body_timed_out(self.timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
