@@ -27,7 +27,8 @@ __all__ = [
 ]
 
 _MAX_TARGET_FPR = 0.5
-# Relative slack so that target_fpr == 1/n passes despite rounding (e.g. 1/3 given as 0.3333).
+# Relative slack so that target_fpr == 1/n passes despite rounding ((1 / 49) * 49 < 1 in
+# floating point); a value truly below 1/n, such as 0.3333 for n = 3, is still refused.
 _FPR_REL_TOL = 1e-9
 
 
@@ -210,7 +211,7 @@ class ScoreCalibration:
     Attributes
     ----------
     name : str
-        Name of the score (e.g. ``"vaebm_energy"``).
+        Name of the score (a key of ``model.scores.SCORES``, e.g. ``"vaebm_bpd"``).
     threshold : float
         Flag OOD when ``s > threshold`` (higher score = more OOD).
     target_fpr : float

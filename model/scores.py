@@ -158,6 +158,13 @@ def compute_scores(
         )
     if len(images) == 0:
         raise ValueError("images is empty: nothing to score")
+    if isinstance(iwae_k, bool) or not isinstance(iwae_k, int | np.integer) or iwae_k < 1:
+        raise ValueError(f"iwae_k must be an integer >= 1, got {iwae_k!r}")
+    if not -(2**63) <= seed < 2**63:  # image_seeds packs it into 8 signed bytes
+        raise ValueError(f"seed must be in [-2**63, 2**63), got {seed}")
+    # torch.from_numpy refuses negative strides (a flipped view) and warns on read-only
+    # arrays (np.asarray of a PIL image): copy only in those cases.
+    images = np.require(images, requirements=("C", "W"))
     x = to_unit_range(torch.from_numpy(images).to(model.device))
     noise = posterior_noise(model, images, iwae_k, seed)
     iwae_nats, elbo_nats = model.vae.iwae_and_elbo(x, iwae_k, noise)

@@ -55,8 +55,9 @@ class VAEConfig:
 
 
 # A group sampler receives (group index, prior mean, prior log-scale, decoder
-# features at that level) and returns (z, log q(z|x) or None, KL or None).
-GroupSampler = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# features at that level, None for the top group) and returns the group's z; a
+# posterior sampler records log q(z|x), log p(z) and the KL on the side.
+GroupSampler = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 class VAE(nn.Module):

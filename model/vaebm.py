@@ -71,8 +71,10 @@ class VAEBM(nn.Module):
         Gradients flow only to eps (the networks' parameters are untouched); the
         result is detached.
         """
-        if steps < 0 or step_size < 0:
-            raise ValueError(f"steps and step_size must be >= 0, got {steps}, {step_size}")
+        if steps < 0 or not 0 <= step_size < math.inf:  # NaN fails too
+            raise ValueError(
+                f"steps must be >= 0 and step_size finite and >= 0, got {steps}, {step_size}"
+            )
         eps = [t.detach().clone() for t in noise.tensors()]
         with torch.enable_grad():
             for _ in range(steps):

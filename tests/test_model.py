@@ -155,6 +155,9 @@ def test_invalid_arguments_raise():
         model.langevin(noise, steps=-1, step_size=1e-3)
     with pytest.raises(ValueError, match="step_size"):
         model.langevin(noise, steps=1, step_size=-1e-3)
+    for bad in (float("nan"), float("inf")):  # would silently turn every chain into NaN
+        with pytest.raises(ValueError, match="step_size"):
+            model.langevin(noise, steps=1, step_size=bad)
 
 
 # ------------------------------------------------------------------- bounds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -232,6 +233,34 @@ def test_webp_is_lossless_and_no_longer_than_png_on_natural_images(channels, dig
 def test_wrong_shape_or_dtype_raises_value_error(model, images):
     with pytest.raises(ValueError, match="images"):
         compute_scores(model, images)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"iwae_k": 0}, "iwae_k"),
+        ({"iwae_k": -1}, "iwae_k"),  # was a RuntimeError from torch.randn
+        ({"seed": 2**63}, "seed"),  # was an OverflowError from int.to_bytes
+    ],
+)
+def test_bad_iwae_k_or_seed_raises_value_error(model, digits, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        compute_scores(model, digits[:2], **kwargs)
+
+
+def test_flipped_and_read_only_arrays_score_like_a_copy(model, digits):
+    """A negative-stride view (np.flip) used to crash torch.from_numpy, and a read-only
+    array (np.asarray of a PIL image) to warn; both now score like a plain copy."""
+    flipped = digits[:3, :, :, ::-1]
+    read_only = digits[:3].copy()
+    read_only.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for images in (flipped, read_only):
+            got = compute_scores(model, images, iwae_k=2)
+            expected = compute_scores(model, images.copy(), iwae_k=2)
+            for name in MODEL_SCORE_NAMES:
+                np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
 def test_score_in_batches_rejects_empty_input(model):
