@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 import torch
 
+import training.scoring as scoring
 import training.train_ebm as train_ebm_module
 import training.train_vae as train_vae_module
-from model.checkpoint import load_checkpoint, read_config
+from model.checkpoint import CheckpointError, load_checkpoint, read_config
+from model.scores import MODEL_SCORE_NAMES
 from training.calibrate import CalibrateArgs
 from training.cli import field_descriptions, main
 from training.evaluate import EvaluateArgs
@@ -804,3 +806,145 @@ def test_corruption_ranking_loss_counts_own_pairs_or_every_pair():
     clean, corrupted = e_clean.clone().requires_grad_(), e_corrupted.clone().requires_grad_()
     ranking(clean, corrupted, "all").backward()
     assert clean.grad[0] > clean.grad[1] > 0 and corrupted.grad[1] < corrupted.grad[0] < 0
+
+
+# ------------------------------------------------------- kills, corrupt files, Ctrl-C
+def test_ebm_resume_after_kill_between_its_first_state_and_checkpoint(
+    tmp_path, vae_checkpoint, ctx, monkeypatch
+):
+    """Killed after the first training state reached a new --out but before config.json
+    did: --resume takes the frozen VAE from --checkpoint and goes on exactly."""
+    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
+    train_ebm(ebm_args(vae_checkpoint, full_dir), ctx)
+
+    def killed(*args):
+        raise Killed
+
+    monkeypatch.setattr(train_ebm_module, "save_checkpoint", killed)
+    with pytest.raises(Killed):
+        train_ebm(ebm_args(vae_checkpoint, killed_dir), ctx)
+    monkeypatch.undo()
+    assert [p.name for p in killed_dir.iterdir()] == ["train_state_ebm.pt"]
+
+    steps = record_steps(monkeypatch, train_ebm_module)
+    train_ebm(ebm_args(vae_checkpoint, killed_dir, resume=True), ctx)
+    assert steps == [3, 4, 5]
+    full, _ = load_checkpoint(full_dir)
+    resumed, info = load_checkpoint(killed_dir)
+    assert info.training["ebm"]["completed_steps"] == 6
+    assert_state_dicts_equal(full.state_dict(), resumed.state_dict())
+
+
+def test_a_flipped_byte_in_a_training_state_is_refused_and_nothing_is_written(
+    tmp_path, data, caplog
+):
+    """torch.load checks no checksum: without one, a flipped byte in a tensor was resumed
+    from silently, and the run overwrote the checkpoint."""
+    out = tmp_path / "run"
+    argv = ["train", "vae", "--out", str(out), "--data", data, *VAE_FLAGS, "--steps", "2"]
+    assert main(argv) == 0
+    path = out / "train_state_vae.pt"
+    weight = load_state(path)["model"]["enc_in.weight"]
+    raw = bytearray(path.read_bytes())
+    at = bytes(raw).find(weight.numpy().tobytes())
+    assert at > 0
+    raw[at + 1] ^= 0x40
+    path.write_bytes(raw)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    with pytest.raises(CheckpointError, match="does not match the checksum saved in it"):
+        load_state(path)
+    assert main([*argv[:-1], "4", "--resume"]) == 2
+    assert f"{path} does not match the checksum" in caplog.text
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    # A state saved before states carried a checksum still loads.
+    torch.save({"step": 2, "model": {"w": weight}}, path)
+    assert load_state(path)["step"] == 2
+
+
+def test_resume_with_a_corrupt_config_is_refused_and_keeps_the_trained_energy(
+    tmp_path, data, caplog
+):
+    """A corrupt config.json skipped the resume checks: `train all --resume` on a
+    finished run then saved the VAE stage again, replacing the trained energy by the
+    zero placeholder (exit 0), though the weights file still held it."""
+    out = tmp_path / "all"
+    argv = [
+        "train", "all", "--out", str(out), "--data", data, *VAE_FLAGS, "--steps", "2",
+        "--ebm-energy-hidden", "8", "--ebm-steps", "2", "--ebm-batch-size", "8",
+        "--ebm-langevin-steps", "1", "--ebm-eval-images", "16",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    config = out / "config.json"
+    config.write_bytes(config.read_bytes()[:200])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main([*argv, "--resume"]) == 2
+    assert f"--resume: {config} is not valid JSON" in caplog.text
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_ctrl_c_after_resuming_names_the_checkpoint_it_resumed_from(
+    tmp_path, data, monkeypatch, caplog
+):
+    out = tmp_path / "run"
+    argv = ["train", "vae", "--out", str(out), "--data", data, *VAE_FLAGS, "--steps", "2"]
+    assert main(argv) == 0
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_vae_module, "batch_indices", interrupt)
+    caplog.clear()
+    assert main([*argv[:-1], "6", "--resume"]) == 130
+    assert "nothing of it is saved" not in caplog.text
+    assert "holds its checkpoint and training state of step 2" in caplog.text
+
+
+def test_an_interrupted_run_closes_its_progress_bar_before_the_error(
+    tmp_path, data, ctx, monkeypatch, capsys
+):
+    """Else the CLI's error line was appended to the unfinished bar."""
+    real = train_vae_module.batch_indices
+
+    def interrupt_at_step_2(num_items, batch_size, step, seed, ctx):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(num_items, batch_size, step, seed, ctx)
+
+    monkeypatch.setattr(train_vae_module, "batch_indices", interrupt_at_step_2)
+    capsys.readouterr()
+    try:
+        train_vae(vae_args(tmp_path / "run", data), ctx)
+    except KeyboardInterrupt:  # where the CLI logs its line, the run's frame still alive
+        err = capsys.readouterr().err
+    else:
+        pytest.fail("not interrupted")
+    assert "2/6" in err and err.endswith("\n")
+
+
+def test_temp_files_left_by_a_kill_while_saving_are_removed(tmp_path, data, ctx):
+    out = tmp_path / "run"
+    train_vae(vae_args(out, data, steps=2), ctx)
+    stale = [".config.json.a1b2c3.tmp", ".weights-0123.safetensors.x9y8.tmp"]
+    stale += [".train_state_vae.pt.q7r6.tmp"]
+    kept = [".calibration.json.k5l4.tmp", "notes.tmp"]  # not the training's own
+    for name in stale + kept:
+        (out / name).write_bytes(b"partial")
+    train_vae(vae_args(out, data, steps=4, resume=True), ctx)
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == sorted(kept)
+
+
+def test_a_damaged_score_cache_is_ignored_not_a_traceback(tmp_path):
+    """A cut or corrupted .calibration_scores.npz raised BadZipFile, and every later
+    `vaebm calibrate` failed on it until the hidden file was found and removed."""
+    path = tmp_path / ".calibration_scores.npz"
+    values = np.arange(8.0)
+    scoring._save_cache(path, "key", {name: [values] for name in MODEL_SCORE_NAMES})
+    assert len(scoring._load_cache(path, "key")["elbo_bpd"]) == 8
+    raw = path.read_bytes()
+    flipped = bytearray(raw)
+    flipped[raw.find(values.tobytes()) + 3] ^= 0xFF
+    for damaged in (raw[: len(raw) // 2], bytes(flipped), raw[:30]):
+        path.write_bytes(damaged)
+        assert scoring._load_cache(path, "key") == {}

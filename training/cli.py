@@ -179,7 +179,7 @@ def _train(ns: argparse.Namespace) -> int:
     if ebm_args is not None:
         train_ebm.check_args(ebm_args, prefix)
     ctx = setup_distributed(ns.device)
-    stage, out = "vae", Path(ns.out)
+    stage, out, resumed = "vae", Path(ns.out), ns.resume
     started = time.time()
     try:
         if vae_args is not None:
@@ -188,34 +188,46 @@ def _train(ns: argparse.Namespace) -> int:
             stage, out = "ebm", Path(ebm_args.out or ebm_args.checkpoint)
             if ns.stage == "all":  # a finished or killed VAE stage leaves no EBM state yet
                 ebm_args.resume = ns.resume and (out / train_ebm.STATE_NAME).is_file()
+            resumed = ebm_args.resume
             log.info("EBM stage done: %s", train_ebm.train_ebm(ebm_args, ctx, prefix))
     except DivergenceError as exc:
         log.error("training diverged: %s. The last good checkpoint is kept.", exc)
         return 3
     except KeyboardInterrupt:
         vae_done = ns.stage == "all" and stage == "ebm"
-        log.error("%s", interrupted_training(stage, out, since=started, vae_done=vae_done))
+        message = interrupted_training(
+            stage, out, since=started, vae_done=vae_done, resumed=resumed
+        )
+        log.error("%s", message)
         return EXIT_INTERRUPTED
     finally:
         teardown_distributed(ctx)
     return 0
 
 
-def interrupted_training(stage: str, out: Path, *, since: float, vae_done: bool) -> str:
+def interrupted_training(
+    stage: str, out: Path, *, since: float, vae_done: bool, resumed: bool = False
+) -> str:
     """One line for Ctrl-C in a training stage: what is saved, and how to go on.
 
     Only a checkpoint written since ``since`` (the command's start) counts: an older run
-    in the same folder is not this one's progress. ``vae_done``: ``train all`` was in its
-    EBM stage, so the finished VAE is kept, and ``--resume`` skips to the EBM stage.
+    in the same folder is not this one's progress, unless this stage ``resumed`` it.
+    ``vae_done``: ``train all`` was in its EBM stage, so the finished VAE is kept, and
+    ``--resume`` skips to the EBM stage.
     """
     from model.checkpoint import CheckpointError, read_config
 
     try:
-        fresh = (out / "config.json").stat().st_mtime >= since
+        fresh = resumed or (out / "config.json").stat().st_mtime >= since
         step = read_config(out)["training"].get(stage, {}).get("completed_steps") if fresh else None
     except (OSError, CheckpointError, KeyError):
         step = None
     name = stage.upper()
+    if step is None and resumed:  # killed before its first checkpoint, then resumed
+        return (
+            f"interrupted in the {name} stage: {out} holds the training state it resumed "
+            "from; run the same command (with --resume) to continue from there"
+        )
     if step is None and vae_done:
         return (
             f"interrupted in the {name} stage before its first checkpoint; the finished VAE "

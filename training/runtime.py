@@ -8,6 +8,7 @@ global torch RNG, saved with the training state.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from model.checkpoint import (
+    CONFIG_NAME,
     CheckpointError,
     atomic_write_bytes,
     describe_exception,
@@ -110,22 +112,29 @@ def random_horizontal_flip(images: torch.Tensor) -> torch.Tensor:
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
 
 
+STATE_DIGEST = "sha256"  # the entry of a saved state that holds state_digest() of the rest
+
+
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Write a resumable training state atomically (loadable with weights_only=True)."""
+    """Write a resumable training state atomically (loadable with weights_only=True),
+    with the digest of its content, which :func:`load_state` checks: torch.load checks
+    no checksum, so a flipped byte in a tensor would otherwise be resumed from silently."""
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save({**state, STATE_DIGEST: state_digest(state)}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    """Read a training state written by :func:`save_state`.
+    """Read a training state written by :func:`save_state` (without its digest).
 
     Raises
     ------
     CheckpointError
         Naming the file and the cause, whatever torch.load raised: a truncated, empty or
         foreign file surfaces there as almost any exception type (RuntimeError,
-        EOFError, KeyError, UnpicklingError, OSError "Invalid argument", ...).
+        EOFError, KeyError, UnpicklingError, OSError "Invalid argument", ...); or a
+        content that does not match its digest (a state saved before digests were
+        recorded has none, and is read unchecked).
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -136,7 +145,51 @@ def load_state(path: Path) -> dict[str, Any]:
         ) from exc
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path} is not a training state (it holds no step)")
+    expected = state.pop(STATE_DIGEST, None)
+    if expected is not None and expected != state_digest(state):
+        raise CheckpointError(
+            f"{path} does not match the checksum saved in it: it is corrupt; restore it, "
+            "or train afresh without --resume"
+        )
     return state
+
+
+def state_digest(state: Any) -> str:
+    """sha256 of a training state's content: every tensor's dtype, shape and bytes, and
+    every other value's repr, in the nesting and order torch.save keeps."""
+    digest = hashlib.sha256()
+    _feed(digest, state)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"T{t.dtype}{tuple(value.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}".encode())
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, list | tuple):
+        digest.update(f"{type(value).__name__}{len(value)}".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
+
+
+def remove_stale_temp_files(out: Path, state_name: str) -> None:
+    """Delete the temp files a run killed while saving left in ``out`` (those of the
+    files training writes: config.json, the weights, ``state_name``); atomic writes keep
+    them from being read, but nothing else would ever remove them. Call before the run
+    writes anything: a temp file of this run's own saves would be in use."""
+    patterns = (f".{CONFIG_NAME}.*.tmp", ".weights-*.safetensors.*.tmp", f".{state_name}.*.tmp")
+    for pattern in patterns:
+        for stale in out.glob(pattern):
+            log.info("removing %s, left by a run killed while saving", stale)
+            stale.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -184,12 +237,18 @@ def check_resumable(
 
 
 def _saved_settings(out: Path, stage: str) -> dict[str, Any]:
-    """The settings config.json in ``out`` records for ``stage``; {} when there are none
-    (a run killed before its first checkpoint: the state file alone is then checked)."""
+    """The settings config.json in ``out`` records for ``stage``; {} when there is no
+    config.json (a run killed before its first checkpoint: the state file alone is then
+    checked). A config.json that cannot be read is an error: resuming past it would skip
+    these checks and then overwrite it."""
+    if not (out / CONFIG_NAME).exists():
+        return {}
     try:
         return read_config(out).get("training", {}).get(stage, {})
-    except CheckpointError:
-        return {}
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"--resume: {exc}; restore it, or train afresh without --resume"
+        ) from exc
 
 
 def _same(saved: Any, given: Any) -> bool:

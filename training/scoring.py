@@ -80,7 +80,7 @@ def _load_cache(path: Path, key: str) -> dict[str, np.ndarray]:
             if str(f["key"]) != key:
                 return {}
             cached = {name: f[name] for name in MODEL_SCORE_NAMES}
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # a damaged zip raises BadZipFile, EOFError, zlib.error, ...
         log.warning("ignoring unreadable score cache %s: %s", path, exc)
         return {}
     log.info("resuming from %s: %d images already scored", path, len(cached["elbo_bpd"]))

@@ -22,7 +22,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import training.flags as flags
-from model.checkpoint import CheckpointInfo, load_checkpoint, load_state_strictly, save_checkpoint
+from model.checkpoint import (
+    CONFIG_NAME,
+    CheckpointInfo,
+    load_checkpoint,
+    load_state_strictly,
+    save_checkpoint,
+)
 from model.energy import ENERGY_HEADS, EnergyConfig, EnergyNet
 from model.likelihood import to_unit_range
 from model.vaebm import VAEBM, PersistentBuffer
@@ -41,6 +47,7 @@ from training.runtime import (
     dataclass_dict,
     load_state,
     random_horizontal_flip,
+    remove_stale_temp_files,
     restoring,
     rng_state,
     save_state,
@@ -249,9 +256,14 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext, prefix: str = "") -> dict:
             f"saved run, which keeps {saved} of the energy's weights; resume with "
             f"{flag_name('ema_decay', prefix)} {'above 0' if 'ema' in state else '0'}"
         )
+    if ctx.is_main and out.is_dir():
+        remove_stale_temp_files(out, STATE_NAME)
     torch.manual_seed(args.seed)
-    # Resuming, the in-progress checkpoint holds the same frozen VAE.
-    model, info = load_checkpoint(out if args.resume else args.checkpoint, ctx.device)
+    # Resuming, the in-progress checkpoint holds the same frozen VAE; a run killed between
+    # its first training state and its first checkpoint left none in --out: then the VAE
+    # is --checkpoint's, as in that run.
+    resumed_checkpoint = args.resume and (out / CONFIG_NAME).exists()
+    model, info = load_checkpoint(out if resumed_checkpoint else args.checkpoint, ctx.device)
     vae = model.vae
     train_images, val_images = load_positives(args, info, vae.image_shape, ctx, prefix)
     energy = EnergyNet(
@@ -271,76 +283,80 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext, prefix: str = "") -> dict:
     net = DistributedDataParallel(energy) if ctx.distributed else energy
     published = model if ema is None else VAEBM(vae, ema.module)
     started = time.time() - seconds_before
-    progress = tqdm(total=args.steps, initial=step, desc="ebm", disable=not ctx.is_main)
     metrics: dict = {}
     blur_range = (args.corruption_blur_min, args.corruption_blur_max)
-    while step < args.steps:
-        idx = batch_indices(len(train_images), args.batch_size, step, args.seed, ctx)
-        x_pos = to_unit_range(train_images[idx].to(ctx.device))
-        if args.flip:
-            x_pos = random_horizontal_flip(x_pos)
-        x_neg = negatives(model, len(x_pos), args, step, buffer)
-        x_neg = with_shuffled_negatives(x_neg, x_pos, args.shuffled_negatives)
-        batch = [x_pos, x_neg]
-        if args.corruption_weight:
-            batch.append(corrupt_images(x_pos, blur_range))
-        energies = net(torch.cat(batch))  # (2B,) or (3B,)
-        e_pos, e_neg, *e_corrupted = energies.split(len(x_pos))
-        spectral = energy.spectral_norm_sum(head=args.spectral_head)
-        loss = e_pos.mean() - e_neg.mean() + args.alpha_s * spectral
-        if e_corrupted:
-            ranking = corruption_ranking_loss(e_pos, e_corrupted[0], args.corruption_pairs)
-            loss = loss + args.corruption_weight * ranking
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(energy.parameters(), args.grad_clip)
-        gap = float(all_reduce_mean((e_neg.mean() - e_pos.mean()).detach(), ctx))
-        check_finite(step, loss=float(loss.detach()), gap=gap)
-        check_gradients(step, grad_norm)
-        peak = energies.detach().abs().max()
-        if ctx.distributed:  # every rank must stop at the same step, or the others hang
-            torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-        peak = float(peak)
-        if not peak <= args.max_abs_energy:  # NaN too
-            raise DivergenceError(
-                f"step {step}: |E| reached {peak:.3g} > max_abs_energy {args.max_abs_energy:g}"
-            )
-        for group in optimizer.param_groups:  # the lr asked for now, also after a resume
-            group["lr"] = learning_rate(step, args)
-        optimizer.step()
-        if ema is not None:
-            ema.update_parameters(energy)
-        step += 1
-        progress.update(1)
-        progress.set_postfix(
-            loss=f"{float(loss.detach()):.3f}",
-            gap=f"{gap:.3f}",
-            sn=f"{float(spectral.detach()):.1f}",
-        )
-        if ctx.is_main and len(val_images) and (step % args.eval_every == 0 or step == args.steps):
-            metrics.update(evaluate_energy(published, val_images, args, ctx.device))
-            progress.write(
-                f"step {step}: val E(data) {metrics['val_energy_mean']:.3f} "
-                f"± {metrics['val_energy_std']:.3f}, E(neg) {metrics['neg_energy_mean']:.3f}"
-            )
-        if step % args.checkpoint_every == 0 or step == args.steps:
-            check_finite_weights(step, published.energy)  # the moving average, if any
-            check_finite_weights(step, energy)
-            if ctx.is_main:
-                _save(
-                    out,
-                    model,
-                    published,
-                    optimizer,
-                    buffer,
-                    ema,
-                    step,
-                    args,
-                    info,
-                    metrics,
-                    started,
+    # The bar is closed on any way out (Ctrl-C too), so that an error gets a line of its own.
+    with tqdm(total=args.steps, initial=step, desc="ebm", disable=not ctx.is_main) as progress:
+        while step < args.steps:
+            idx = batch_indices(len(train_images), args.batch_size, step, args.seed, ctx)
+            x_pos = to_unit_range(train_images[idx].to(ctx.device))
+            if args.flip:
+                x_pos = random_horizontal_flip(x_pos)
+            x_neg = negatives(model, len(x_pos), args, step, buffer)
+            x_neg = with_shuffled_negatives(x_neg, x_pos, args.shuffled_negatives)
+            batch = [x_pos, x_neg]
+            if args.corruption_weight:
+                batch.append(corrupt_images(x_pos, blur_range))
+            energies = net(torch.cat(batch))  # (2B,) or (3B,)
+            e_pos, e_neg, *e_corrupted = energies.split(len(x_pos))
+            spectral = energy.spectral_norm_sum(head=args.spectral_head)
+            loss = e_pos.mean() - e_neg.mean() + args.alpha_s * spectral
+            if e_corrupted:
+                ranking = corruption_ranking_loss(e_pos, e_corrupted[0], args.corruption_pairs)
+                loss = loss + args.corruption_weight * ranking
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(energy.parameters(), args.grad_clip)
+            gap = float(all_reduce_mean((e_neg.mean() - e_pos.mean()).detach(), ctx))
+            check_finite(step, loss=float(loss.detach()), gap=gap)
+            check_gradients(step, grad_norm)
+            peak = energies.detach().abs().max()
+            if ctx.distributed:  # every rank must stop at the same step, or the others hang
+                torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+            peak = float(peak)
+            if not peak <= args.max_abs_energy:  # NaN too
+                raise DivergenceError(
+                    f"step {step}: |E| reached {peak:.3g} > max_abs_energy {args.max_abs_energy:g}"
                 )
-    progress.close()
+            for group in optimizer.param_groups:  # the lr asked for now, also after a resume
+                group["lr"] = learning_rate(step, args)
+            optimizer.step()
+            if ema is not None:
+                ema.update_parameters(energy)
+            step += 1
+            progress.update(1)
+            progress.set_postfix(
+                loss=f"{float(loss.detach()):.3f}",
+                gap=f"{gap:.3f}",
+                sn=f"{float(spectral.detach()):.1f}",
+            )
+            if (
+                ctx.is_main
+                and len(val_images)
+                and (step % args.eval_every == 0 or step == args.steps)
+            ):
+                metrics.update(evaluate_energy(published, val_images, args, ctx.device))
+                progress.write(
+                    f"step {step}: val E(data) {metrics['val_energy_mean']:.3f} "
+                    f"± {metrics['val_energy_std']:.3f}, E(neg) {metrics['neg_energy_mean']:.3f}"
+                )
+            if step % args.checkpoint_every == 0 or step == args.steps:
+                check_finite_weights(step, published.energy)  # the moving average, if any
+                check_finite_weights(step, energy)
+                if ctx.is_main:
+                    _save(
+                        out,
+                        model,
+                        published,
+                        optimizer,
+                        buffer,
+                        ema,
+                        step,
+                        args,
+                        info,
+                        metrics,
+                        started,
+                    )
     return metrics
 
 

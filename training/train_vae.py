@@ -43,6 +43,7 @@ from training.runtime import (
     dataclass_dict,
     load_state,
     random_horizontal_flip,
+    remove_stale_temp_files,
     restoring,
     rng_state,
     save_state,
@@ -206,6 +207,8 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
     if args.resume:
         check_resumable(out, STATE_NAME, "vae", args, RESUME_FIELDS)
     state = load_state(out / STATE_NAME) if args.resume else None
+    if ctx.is_main and out.is_dir():
+        remove_stale_temp_files(out, STATE_NAME)
     torch.manual_seed(args.seed)
     train_images, val_images = load_split(args, ctx)
     vae = VAE(config).to(ctx.device)
@@ -233,39 +236,43 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
             return finished
     net = DistributedDataParallel(vae) if ctx.distributed else vae
     started = time.time() - seconds_before
-    progress = tqdm(total=args.steps, initial=step, desc="vae", disable=not ctx.is_main)
     metrics: dict = {}
-    while step < args.steps:
-        idx = batch_indices(len(train_images), args.batch_size, step, args.seed, ctx)
-        x = to_unit_range(train_images[idx].to(ctx.device))
-        if args.flip:
-            x = random_horizontal_flip(x)
-        terms = net(x)
-        kl_weight = min(1.0, (step + 1) / max(args.kl_warmup_steps, 1))
-        for group in optimizer.param_groups:  # cosine decay, a pure function of the step
-            group["lr"] = args.lr * (
-                0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-            )
-        loss = -(terms["log_px_z"] - kl_weight * terms["kl"]).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), args.grad_clip)
-        elbo = all_reduce_mean((terms["log_px_z"] - terms["kl"]).mean(), ctx)
-        bpd = float(nats_to_bits_per_dim(-elbo.detach(), vae.config.num_dims))
-        check_finite(step, loss=float(loss.detach()), bpd=bpd)
-        check_gradients(step, grad_norm)
-        optimizer.step()
-        step += 1
-        progress.update(1)
-        progress.set_postfix(loss=f"{float(loss.detach()):.1f}", bpd=f"{bpd:.3f}")
-        if ctx.is_main and len(val_images) and (step % args.eval_every == 0 or step == args.steps):
-            metrics["val_elbo_bpd"] = evaluate_bpd(vae, val_images, ctx.device)
-            progress.write(f"step {step}: val ELBO {metrics['val_elbo_bpd']:.4f} bits/dim")
-        if step % args.checkpoint_every == 0 or step == args.steps:
-            check_finite_weights(step, vae)
-            if ctx.is_main:
-                _save(out, model, optimizer, step, args, metrics, time.time() - started)
-    progress.close()
+    # The bar is closed on any way out (Ctrl-C too), so that an error gets a line of its own.
+    with tqdm(total=args.steps, initial=step, desc="vae", disable=not ctx.is_main) as progress:
+        while step < args.steps:
+            idx = batch_indices(len(train_images), args.batch_size, step, args.seed, ctx)
+            x = to_unit_range(train_images[idx].to(ctx.device))
+            if args.flip:
+                x = random_horizontal_flip(x)
+            terms = net(x)
+            kl_weight = min(1.0, (step + 1) / max(args.kl_warmup_steps, 1))
+            for group in optimizer.param_groups:  # cosine decay, a pure function of the step
+                group["lr"] = args.lr * (
+                    0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+                )
+            loss = -(terms["log_px_z"] - kl_weight * terms["kl"]).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), args.grad_clip)
+            elbo = all_reduce_mean((terms["log_px_z"] - terms["kl"]).mean(), ctx)
+            bpd = float(nats_to_bits_per_dim(-elbo.detach(), vae.config.num_dims))
+            check_finite(step, loss=float(loss.detach()), bpd=bpd)
+            check_gradients(step, grad_norm)
+            optimizer.step()
+            step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{float(loss.detach()):.1f}", bpd=f"{bpd:.3f}")
+            if (
+                ctx.is_main
+                and len(val_images)
+                and (step % args.eval_every == 0 or step == args.steps)
+            ):
+                metrics["val_elbo_bpd"] = evaluate_bpd(vae, val_images, ctx.device)
+                progress.write(f"step {step}: val ELBO {metrics['val_elbo_bpd']:.4f} bits/dim")
+            if step % args.checkpoint_every == 0 or step == args.steps:
+                check_finite_weights(step, vae)
+                if ctx.is_main:
+                    _save(out, model, optimizer, step, args, metrics, time.time() - started)
     if ctx.is_main:
         if len(val_images):
             metrics["val_iwae_bpd"] = evaluate_bpd(vae, val_images, ctx.device, k=args.iwae_k)
