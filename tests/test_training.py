@@ -25,8 +25,9 @@ import training.train_ebm as train_ebm_module
 import training.train_vae as train_vae_module
 from model.checkpoint import CheckpointError, load_checkpoint, read_config
 from model.scores import MODEL_SCORE_NAMES
+from training.arguments import field_descriptions
 from training.calibrate import CalibrateArgs
-from training.cli import field_descriptions, main
+from training.cli import main
 from training.evaluate import EvaluateArgs
 from training.flags import flag_name
 from training.runtime import (
