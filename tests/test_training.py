@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+import training.corruptions as corruptions
 import training.scoring as scoring
 import training.train_ebm as train_ebm_module
 import training.train_vae as train_vae_module
@@ -423,7 +424,7 @@ def test_ebm_trains_with_each_study_option(tmp_path, vae_checkpoint, ctx, field,
 def test_shuffle_pixels_keeps_each_images_intensities_and_breaks_its_structure():
     torch.manual_seed(0)
     images = torch.rand(4, 3, 8, 8)
-    shuffled = train_ebm_module.shuffle_pixels(images)
+    shuffled = corruptions.shuffle_pixels(images)
     assert shuffled.shape == images.shape and not torch.equal(shuffled, images)
     for original, moved in zip(images, shuffled, strict=True):
         for channel in range(3):  # the same values, somewhere else
@@ -437,18 +438,18 @@ def test_shuffle_pixels_keeps_each_images_intensities_and_breaks_its_structure()
 
 def test_with_shuffled_negatives_replaces_the_requested_share():
     x_neg, x_pos = torch.zeros(8, 1, 4, 4), torch.rand(8, 1, 4, 4)
-    out = train_ebm_module.with_shuffled_negatives(x_neg, x_pos, 0.25)
+    out = corruptions.with_shuffled_negatives(x_neg, x_pos, 0.25)
     assert out.shape == x_neg.shape
     assert (out[:2] != 0).any() and torch.equal(out[2:], x_neg[2:])
-    assert torch.equal(train_ebm_module.with_shuffled_negatives(x_neg, x_pos, 0.0), x_neg)
+    assert torch.equal(corruptions.with_shuffled_negatives(x_neg, x_pos, 0.0), x_neg)
 
 
 def test_gaussian_blur_keeps_constants_and_the_mean_and_smooths_edges():
     flat = torch.full((2, 1, 28, 28), 0.3)
-    torch.testing.assert_close(train_ebm_module.gaussian_blur(flat, 3.0), flat)
+    torch.testing.assert_close(corruptions.gaussian_blur(flat, 3.0), flat)
     edge = torch.zeros(1, 1, 28, 28)
     edge[..., 14:] = 1.0
-    blurred = train_ebm_module.gaussian_blur(edge, 3.0)
+    blurred = corruptions.gaussian_blur(edge, 3.0)
     assert blurred.shape == edge.shape
     row = blurred[0, 0, 10]
     assert (row.diff() >= -1e-6).all() and 0.05 < float(row[13]) < 0.5 < float(row[14]) < 0.95
@@ -456,16 +457,16 @@ def test_gaussian_blur_keeps_constants_and_the_mean_and_smooths_edges():
 
 def test_corrupt_images_shuffles_the_first_half_and_blurs_the_rest():
     images = torch.rand(6, 1, 28, 28) * 2 - 1
-    out = train_ebm_module.corrupt_images(images, blur_range=(2.0, 2.0))
+    out = corruptions.corrupt_images(images, blur_range=(2.0, 2.0))
     for original, moved in zip(images[:3], out[:3], strict=True):
         assert torch.equal(original.flatten().sort().values, moved.flatten().sort().values)
-    torch.testing.assert_close(out[3:], train_ebm_module.gaussian_blur(images[3:], 2.0))
+    torch.testing.assert_close(out[3:], corruptions.gaussian_blur(images[3:], 2.0))
 
 
 def test_gaussian_blur_with_one_sigma_per_image_blurs_each_by_its_own():
     torch.manual_seed(0)
     images = torch.rand(3, 2, 28, 28)
-    blur = train_ebm_module.gaussian_blur
+    blur = corruptions.gaussian_blur
     sigmas = torch.tensor([0.7, 2.0, 5.0])
     together = blur(images, sigmas)
     # The widest blur sets the shared radius, so that image is exactly as blurred alone.
@@ -483,7 +484,7 @@ def test_gaussian_blur_with_one_sigma_per_image_blurs_each_by_its_own():
 def test_wide_blur_range_reaches_nearly_flat_images_without_leaving_the_mean():
     torch.manual_seed(1)
     images = torch.rand(64, 1, 28, 28) * 2 - 1
-    out = train_ebm_module.corrupt_images(images, blur_range=(1.0, 13.0))[32:]
+    out = corruptions.corrupt_images(images, blur_range=(1.0, 13.0))[32:]
     spread = out.flatten(1).std(1)
     assert float(spread.min()) < 0.02 < 0.1 < float(spread.max())  # scales span the range
     torch.testing.assert_close(out.mean((1, 2, 3)), images[32:].mean((1, 2, 3)), atol=0.05, rtol=0)
@@ -790,7 +791,7 @@ def test_ddp_divergence_on_one_rank_stops_every_rank(tmp_path, vae_checkpoint):
 
 
 def test_corruption_ranking_loss_counts_own_pairs_or_every_pair():
-    ranking = train_ebm_module.corruption_ranking_loss
+    ranking = corruptions.corruption_ranking_loss
     e_clean, e_corrupted = torch.tensor([10.0, 0.0]), torch.tensor([20.0, 5.0])
     softplus = torch.nn.functional.softplus
     # Each corrupted image outranks its own original by 5-10 nats: a small loss.
