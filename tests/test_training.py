@@ -837,6 +837,61 @@ def test_ebm_resume_after_kill_between_its_first_state_and_checkpoint(
     assert_state_dicts_equal(full.state_dict(), resumed.state_dict())
 
 
+def kill_before_checkpoint_of_step(monkeypatch, module, stage: str, at_step: int) -> None:
+    """Make the module's ``save_checkpoint`` raise Killed when it would publish step
+    ``at_step``: the training state of that step is written, its checkpoint is not."""
+    real = module.save_checkpoint
+
+    def save_or_die(out, model, info):
+        if info.training[stage]["completed_steps"] == at_step:
+            raise Killed
+        real(out, model, info)
+
+    monkeypatch.setattr(module, "save_checkpoint", save_or_die)
+
+
+def test_ebm_killed_between_its_last_state_and_checkpoint_publishes_on_resume(
+    tmp_path, vae_checkpoint, ctx, monkeypatch
+):
+    """The resumed run found its last step done and returned: the published energy (the
+    moving average) and metrics stayed at the step before."""
+    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
+    train_ebm(ebm_args(vae_checkpoint, full_dir, ema_decay=0.9), ctx)
+    kill_before_checkpoint_of_step(monkeypatch, train_ebm_module, "ebm", at_step=6)
+    with pytest.raises(Killed):
+        train_ebm(ebm_args(vae_checkpoint, killed_dir, ema_decay=0.9), ctx)
+    monkeypatch.undo()
+    assert load_state(killed_dir / "train_state_ebm.pt")["step"] == 6
+    assert load_checkpoint(killed_dir)[1].training["ebm"]["completed_steps"] == 3
+
+    steps = record_steps(monkeypatch, train_ebm_module)
+    train_ebm(ebm_args(vae_checkpoint, killed_dir, ema_decay=0.9, resume=True), ctx)
+    assert steps == []
+    full, full_info = load_checkpoint(full_dir)
+    resumed, info = load_checkpoint(killed_dir)
+    assert info.training["ebm"]["completed_steps"] == 6
+    assert_state_dicts_equal(full.state_dict(), resumed.state_dict())
+    assert info.metrics["ebm"] == full_info.metrics["ebm"]
+
+
+def test_vae_killed_between_its_last_state_and_checkpoint_keeps_its_metrics(
+    tmp_path, data, ctx, monkeypatch
+):
+    """The last validation ELBO was lost: a resumed run started with no metrics."""
+    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
+    full_metrics = train_vae(vae_args(full_dir, data), ctx)
+    kill_before_checkpoint_of_step(monkeypatch, train_vae_module, "vae", at_step=6)
+    with pytest.raises(Killed):
+        train_vae(vae_args(killed_dir, data), ctx)
+    monkeypatch.undo()
+    resumed_metrics = train_vae(vae_args(killed_dir, data, resume=True), ctx)
+    assert resumed_metrics["val_elbo_bpd"] == full_metrics["val_elbo_bpd"]
+    assert resumed_metrics["val_iwae_bpd"] == full_metrics["val_iwae_bpd"]
+    assert_state_dicts_equal(
+        load_checkpoint(full_dir)[0].state_dict(), load_checkpoint(killed_dir)[0].state_dict()
+    )
+
+
 def test_a_flipped_byte_in_a_training_state_is_refused_and_nothing_is_written(
     tmp_path, data, caplog
 ):

@@ -236,6 +236,16 @@ def check_resumable(
         )
 
 
+def completed_steps(out: Path, stage: str) -> int | None:
+    """The steps of ``stage`` ("vae" or "ebm") that the checkpoint in ``out`` publishes;
+    None without a readable checkpoint. A training state ahead of it is a run killed
+    between its two saves (the state is written first)."""
+    try:
+        return read_config(out).get("training", {}).get(stage, {}).get("completed_steps")
+    except CheckpointError:
+        return None
+
+
 def _saved_settings(out: Path, stage: str) -> dict[str, Any]:
     """The settings config.json in ``out`` records for ``stage``; {} when there is no
     config.json (a run killed before its first checkpoint: the state file alone is then

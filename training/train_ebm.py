@@ -43,6 +43,7 @@ from training.runtime import (
     check_finite_weights,
     check_gradients,
     check_resumable,
+    completed_steps,
     dataclass_dict,
     load_state,
     random_horizontal_flip,
@@ -275,14 +276,25 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext, prefix: str = "") -> dict:
     )
     buffer = PersistentBuffer(vae, args.buffer_size) if args.buffer_size else None
     ema = averaged_energy(energy, args.ema_decay)
-    step, seconds_before = 0, 0.0
+    step, seconds_before, metrics = 0, 0.0, {}
     if state is not None:
-        step, seconds_before = restore(out / STATE_NAME, state, energy, optimizer, buffer, ema)
+        step, seconds_before, metrics = restore(
+            out / STATE_NAME, state, energy, optimizer, buffer, ema
+        )
         log.info("resumed EBM training from %s at step %d", out, step)
     net = DistributedDataParallel(energy) if ctx.distributed else energy
     published = model if ema is None else VAEBM(vae, ema.module)
     started = time.time() - seconds_before
-    metrics: dict = {}
+
+    def save() -> None:  # the state at the current step, then its checkpoint
+        _save(out, model, published, optimizer, buffer, ema, step, args, info, metrics, started)
+
+    if step >= args.steps:
+        # A run killed between its last training state and its last checkpoint: publish.
+        if ctx.is_main and completed_steps(out, "ebm") != step:
+            save()
+        log.info("EBM training in %s finished at step %d", out, step)
+        return metrics
     blur_range = (args.corruption_blur_min, args.corruption_blur_max)
     # The bar is closed on any way out (Ctrl-C too), so that an error gets a line of its own.
     with tqdm(total=args.steps, initial=step, desc="ebm", disable=not ctx.is_main) as progress:
@@ -343,19 +355,7 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext, prefix: str = "") -> dict:
                 check_finite_weights(step, published.energy)  # the moving average, if any
                 check_finite_weights(step, energy)
                 if ctx.is_main:
-                    _save(
-                        out,
-                        model,
-                        published,
-                        optimizer,
-                        buffer,
-                        ema,
-                        step,
-                        args,
-                        info,
-                        metrics,
-                        started,
-                    )
+                    save()
     return metrics
 
 
@@ -380,10 +380,11 @@ def restore(
     optimizer: torch.optim.Optimizer,
     buffer: PersistentBuffer | None,
     ema: AveragedModel | None,
-) -> tuple[int, float]:
+) -> tuple[int, float, dict]:
     """Load the training state read from ``path`` into the run; returns (step, seconds
-    so far). A state that does not fit (another architecture, no buffer or moving
-    average where this run has one) is a CheckpointError naming the file.
+    so far, the last evaluation's metrics). A state that does not fit (another
+    architecture, no buffer or moving average where this run has one) is a
+    CheckpointError naming the file.
     """
     with restoring(path):
         load_state_strictly(energy, state["energy"], f"{path} holds another architecture")
@@ -393,7 +394,8 @@ def restore(
         if ema is not None:
             ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
-        return int(state["step"]), float(state.get("seconds", 0.0))
+        metrics = dict(state.get("metrics", {}))
+        return int(state["step"]), float(state.get("seconds", 0.0)), metrics
 
 
 def learning_rate(step: int, args: EBMTrainArgs) -> float:
@@ -476,6 +478,7 @@ def _save(
         "rng": rng_state(),
         "step": step,
         "seconds": time.time() - started,
+        "metrics": dict(metrics),
     }
     if buffer is not None:
         state["buffer"] = buffer.state_dict()

@@ -216,7 +216,7 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
     energy = EnergyNet(EnergyConfig(args.channels, args.image_size, args.energy_hidden))
     model = VAEBM(vae, energy.to(ctx.device))
     optimizer = torch.optim.Adamax(vae.parameters(), lr=args.lr)
-    step, seconds_before = 0, 0.0
+    step, seconds_before, metrics = 0, 0.0, {}
     if state is not None:
         with restoring(out / STATE_NAME):
             load_state_strictly(
@@ -226,6 +226,7 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
             set_rng_state(state["rng"])
             step = int(state["step"])
             seconds_before = float(state.get("seconds", 0.0))  # wall time of earlier runs
+            metrics = dict(state.get("metrics", {}))  # the last evaluation's
         log.info("resumed VAE training from %s at step %d", out, step)
         finished = _finished_metrics(out, step) if step >= args.steps else None
         if finished is not None:
@@ -236,7 +237,6 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
             return finished
     net = DistributedDataParallel(vae) if ctx.distributed else vae
     started = time.time() - seconds_before
-    metrics: dict = {}
     # The bar is closed on any way out (Ctrl-C too), so that an error gets a line of its own.
     with tqdm(total=args.steps, initial=step, desc="vae", disable=not ctx.is_main) as progress:
         while step < args.steps:
@@ -305,6 +305,7 @@ def _save(out: Path, model: VAEBM, optimizer, step: int, args, metrics: dict, se
             "rng": rng_state(),
             "step": step,
             "seconds": secs,
+            "metrics": dict(metrics),
         },
     )
     info = CheckpointInfo(
