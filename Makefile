@@ -14,11 +14,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# setuptools prints a banner on every editable install ("be careful with folders ... of the
+# same name"): the package's folders are those, on purpose.
+PIP_INSTALL = PYTHONWARNINGS='ignore:Editable installation' $(BIN)/python -m pip install --quiet
+
 install: $(BIN)/python
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e .
+	$(PIP_INSTALL) -c constraints.txt -e .
 
 install-test: $(BIN)/python
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PIP_INSTALL) -c constraints.txt -e '.[test]'
 
 serve: install
 	$(BIN)/vaebm serve
