@@ -277,3 +277,99 @@ def test_evaluate_loads_every_set_before_scoring(tiny_checkpoint, tmp_path, monk
     )
     with pytest.raises(ValueError, match="nowhere.npz does not exist"):
         evaluate(args)
+
+
+def test_the_report_says_which_fitted_scores_were_left_out_and_why_the_default_fell_back(
+    tiny_checkpoint, tmp_path
+):
+    """A calibration without its fitted scores has no rows for them and another default:
+    the report says so, rather than leaving a reader to guess from a missing row."""
+    from training.calibrate import write_report_markdown
+
+    _, info = load_checkpoint(tiny_checkpoint)
+    full = load_calibration(tiny_checkpoint, weights_sha256=info.weights_sha256)
+    full.data = {"source": DATA, "n_calibration": 32, "n_holdout": 32}
+    report = tmp_path / "calibration_report.md"
+    write_report_markdown(tmp_path, full)
+    text = report.read_text()
+    assert (
+        "fitted on the 32 calibration images; their thresholds are set on those images' "
+        "leave-one-out densities"
+        in text.replace("\n", " ")
+        and "Left out" not in text
+    )
+    fallen_back = load_calibration(tiny_checkpoint, weights_sha256=info.weights_sha256)
+    fallen_back.data = full.data
+    fallen_back.scores = {k: v for k, v in full.scores.items() if k not in TYPICALITY_SCORES}
+    fallen_back.typicality, fallen_back.default_score = {}, UNFITTED_DEFAULT_SCORE
+    write_report_markdown(tmp_path, fallen_back)
+    text = report.read_text()
+    assert all(f"`{name}`" in text.split("Left out")[1] for name in TYPICALITY_SCORES)
+    assert f"`{UNFITTED_DEFAULT_SCORE}` decides because `{DEFAULT_SCORE}`" in text
+
+
+def test_the_advice_on_how_many_images_to_give_is_quick_and_exact_at_extreme_settings():
+    """An alpha so small that the CPU device (which flushes subnormal floats) takes it for
+    0 divided by zero; a tiny --holdout-fraction counted to 0.5 / fraction one image at a
+    time (minutes at 1e-9, forever at 1e-300); fractions >= 0.9 were over-counted."""
+    import signal
+
+    from training.calibrate import images_needed, split_for_calibration
+    from training.flags import FlagError
+
+    def fewest(n_calibration, fraction):
+        total = 1
+        while not (
+            total - round(total * fraction) >= n_calibration and round(total * fraction) >= 1
+        ):
+            total += 1
+        return total
+
+    assert [images_needed(n, f) for n in (1, 2, 20) for f in (0.3, 0.5, 0.9, 0.99)] == [
+        fewest(n, f) for n in (1, 2, 20) for f in (0.3, 0.5, 0.9, 0.99)
+    ]
+
+    def took_too_long(*_):
+        raise TimeoutError("still counting images")
+
+    previous = signal.signal(signal.SIGALRM, took_too_long)
+    signal.alarm(5)
+    torch.set_flush_denormal(True)  # as select_device("cpu") leaves it
+    try:
+        cases = [
+            ({"target_fpr": 1e-310}, "use more images or a --target-fpr of at least 0.05"),
+            ({"holdout_fraction": 1e-9}, "use at least 500000001 images"),
+            ({"holdout_fraction": 1e-300}, "use a --holdout-fraction nearer 0.5"),
+        ]
+        for settings, expected in cases:
+            with pytest.raises(FlagError, match=re.escape(expected)):
+                split_for_calibration(CalibrateArgs(data="noise:40", **settings), 40)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_roc_curves_and_histograms_draw_each_series_unlike_the_others(monkeypatch):
+    """Matplotlib cycles ten colours: the eleventh score's ROC curve (the default,
+    vaebm_typicality_nats) was drawn exactly like the first's (elbo_bpd)."""
+    import matplotlib.colors as mcolors
+
+    import training.plots as plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    rng = np.random.default_rng(0)
+    assert len(SCORE_NAMES) > 10
+    plots.roc_curves(
+        Path("unused.png"),
+        {name: rng.normal(size=20) for name in SCORE_NAMES},
+        {name: rng.normal(1.0, size=20) for name in SCORE_NAMES},
+        "title",
+    )
+    curves = [line for line in figures[-1].axes[0].lines if line.get_label() in SCORE_NAMES]
+    styles = {(mcolors.to_hex(line.get_color()), line.get_linestyle()) for line in curves}
+    assert len(curves) == len(styles) == len(SCORE_NAMES)
+    sets = {f"set{i}": {"elbo_bpd": rng.normal(i, size=20)} for i in range(12)}
+    plots.score_histograms(Path("unused.png"), sets)
+    bars = figures[-1].axes[0].containers
+    assert len({mcolors.to_hex(bar.patches[0].get_facecolor()) for bar in bars}) == len(sets)

@@ -94,10 +94,15 @@ def split_for_calibration(args: CalibrateArgs, n_images: int) -> tuple[np.ndarra
     n = len(cal_idx)
     given = f"--data {args.data} yields {n_images} images"
     if n == 0 or n_holdout == 0:
+        total = images_needed(1, args.holdout_fraction)
         raise flags.FlagError(
             f"{given}: too few to calibrate on some and check on the others "
-            f"(--holdout-fraction {args.holdout_fraction:g}); use at least "
-            f"{images_needed(1, args.holdout_fraction)} images"
+            f"(--holdout-fraction {args.holdout_fraction:g}); "
+            + (
+                "use a --holdout-fraction nearer 0.5"
+                if total is None
+                else f"use at least {total} images"
+            )
         )
     split_text = (
         f"{given}, {n} of them to calibrate on (--holdout-fraction {args.holdout_fraction:g})"
@@ -105,39 +110,68 @@ def split_for_calibration(args: CalibrateArgs, n_images: int) -> tuple[np.ndarra
     if n < 2:
         raise flags.FlagError(
             f"{split_text}: at least 2 calibration images are needed for any --target-fpr "
-            f"(at most 0.5); use at least {images_needed(2, args.holdout_fraction)} images"
+            f"(at most 0.5); {use_at_least(2, args.holdout_fraction)}"
         )
     if not 1 / n <= args.target_fpr:
         needed = calibration_images_needed(args.target_fpr)
         raise flags.FlagError(
             f"--target-fpr must be in [1/n, 0.5] = [{1 / n:.4g}, 0.5] for n={n} calibration "
-            f"images, got {args.target_fpr:g}: use at least "
-            f"{images_needed(needed, args.holdout_fraction)} images or a --target-fpr of at "
-            f"least {1 / n:.4g}"
+            f"images, got {args.target_fpr:g}: {use_at_least(needed, args.holdout_fraction)} "
+            f"or a --target-fpr of at least {1 / n:.4g}"
         )
     statistics = TYPICALITY_SCORES.get(args.default_score)
     if statistics is not None and n <= len(statistics) + 1:
         raise flags.FlagError(
             f"{split_text}: --default-score {args.default_score} needs more than "
-            f"{len(statistics) + 1} to be fitted; use at least "
-            f"{images_needed(len(statistics) + 2, args.holdout_fraction)} images or another "
+            f"{len(statistics) + 1} to be fitted; "
+            f"{use_at_least(len(statistics) + 2, args.holdout_fraction)} or another "
             "--default-score"
         )
     return cal_idx, holdout_idx
 
 
-def calibration_images_needed(target_fpr: float) -> int:
-    """The fewest calibration images n with 1/n <= target_fpr (the check's own rule)."""
+# The most images an error advises giving: past it a count is no advice, and computing
+# it would divide by a --target-fpr or --holdout-fraction that the CPU device (which
+# flushes subnormal floats) takes for zero, or count up to it one image at a time.
+MAX_ADVISED_IMAGES = 10**12
+
+
+def use_at_least(n_calibration: int | None, holdout_fraction: float) -> str:
+    """'use at least N images', N the fewest whose split keeps ``n_calibration`` images
+    to calibrate on, or 'use more images' where N is past MAX_ADVISED_IMAGES (or
+    ``n_calibration`` is None, the same)."""
+    total = None if n_calibration is None else images_needed(n_calibration, holdout_fraction)
+    return "use more images" if total is None else f"use at least {total} images"
+
+
+def calibration_images_needed(target_fpr: float) -> int | None:
+    """The fewest calibration images n with 1/n <= target_fpr (the check's own rule), or
+    None where that is past MAX_ADVISED_IMAGES."""
+    if not target_fpr * MAX_ADVISED_IMAGES >= 1:
+        return None
     n = max(2, math.floor(1 / target_fpr))  # 1/n >= target_fpr: at most one short
     while not 1 / n <= target_fpr:
         n += 1
     return n
 
 
-def images_needed(n_calibration: int, holdout_fraction: float) -> int:
+def images_needed(n_calibration: int, holdout_fraction: float) -> int | None:
     """The fewest images whose split keeps ``n_calibration`` images to calibrate on and
-    at least one aside, so that an error can say how many images to give."""
-    total = max(n_calibration + 1, int(n_calibration / (1 - holdout_fraction)) - 2)
+    at least one aside, so that an error can say how many images to give; None where
+    that is past about MAX_ADVISED_IMAGES."""
+    kept = 1 - holdout_fraction
+    if not (
+        holdout_fraction * MAX_ADVISED_IMAGES >= 1 and kept * MAX_ADVISED_IMAGES >= n_calibration
+    ):
+        return None
+    # No fewer can do: one image aside needs total * fraction >= 0.5, and n_calibration
+    # kept need total * (1 - fraction) >= n_calibration - 0.5. Both kept and aside
+    # grow with total, so the count from that bound takes a few steps.
+    total = max(
+        n_calibration + 1,
+        math.floor((n_calibration - 0.5) / kept) - 2,
+        math.floor(0.5 / holdout_fraction) - 2,
+    )
     while not (
         total - round(total * holdout_fraction) >= n_calibration
         and round(total * holdout_fraction) >= 1
@@ -261,6 +295,7 @@ def write_report_markdown(directory: Path, calibration: Calibration) -> None:
         f"measure the FPR achieved. Target FPR (alpha) {calibration.target_fpr}; IWAE k = "
         f"{calibration.iwae_k}. Default decision score: `{calibration.default_score}`.",
         "",
+        *fitted_scores_text(calibration),
         "| score | unit | threshold | FPR achieved on held-out | 95% bootstrap interval |",
         "|---|---|---|---|---|",
     ]
@@ -277,3 +312,31 @@ def write_report_markdown(directory: Path, calibration: Calibration) -> None:
         "",
     ]
     atomic_write_bytes(directory / REPORT_NAME, "\n".join(lines).encode())
+
+
+def fitted_scores_text(calibration: Calibration) -> list[str]:
+    """The report's paragraph on the fitted scores: how their thresholds were set, which
+    could not be fitted (their rows are missing), and why the default is not the
+    benchmark's where that is the reason. Empty where nothing needs saying."""
+    fitted = [f"`{name}`" for name in calibration.typicality]
+    left_out = [f"`{name}`" for name in TYPICALITY_SCORES if name not in calibration.typicality]
+    text = []
+    if fitted:
+        text.append(
+            f"{', '.join(fitted)} {'is' if len(fitted) == 1 else 'are'} fitted on the "
+            f"{calibration.data.get('n_calibration', '?')} calibration images; "
+            f"{'its threshold is' if len(fitted) == 1 else 'their thresholds are'} set on "
+            "those images' leave-one-out densities."
+        )
+    if left_out:
+        text.append(
+            f"Left out, as these images could not fit {'it' if len(left_out) == 1 else 'them'} "
+            f"(too few, or statistics that do not vary; see the log): {', '.join(left_out)}."
+        )
+    fell_back = DEFAULT_SCORE not in calibration.scores
+    if fell_back and calibration.default_score == UNFITTED_DEFAULT_SCORE:
+        text.append(
+            f"`{UNFITTED_DEFAULT_SCORE}` decides because `{DEFAULT_SCORE}`, the benchmark's "
+            "choice, could not be fitted."
+        )
+    return [" ".join(text), ""] if text else []

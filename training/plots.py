@@ -15,6 +15,29 @@ from model.checkpoint import atomic_write_bytes  # noqa: E402
 from model.metrics import roc_curve_points  # noqa: E402
 from model.scores import SCORES  # noqa: E402
 
+_LINE_STYLES = ("-", "--", "-.", ":")
+
+
+def _colours(n: int) -> list:
+    """n distinct colours: matplotlib's ten while they suffice, else n spread over a
+    colour map (the cycle's eleventh colour is its first again)."""
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if n <= len(cycle):
+        return cycle[:n]
+    return [plt.get_cmap("turbo")(x) for x in np.linspace(0.0, 1.0, n)]
+
+
+def _line_styles(n: int) -> list[dict]:
+    """n distinct (colour, line style) pairs: the ten cycle colours solid, then dashed,
+    and so on, so that curves eleven and up are not drawn like the first ones."""
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if n > len(cycle) * len(_LINE_STYLES):
+        return [{"color": c, "linestyle": "-"} for c in _colours(n)]
+    return [
+        {"color": cycle[i % len(cycle)], "linestyle": _LINE_STYLES[i // len(cycle)]}
+        for i in range(n)
+    ]
+
 
 def _save(fig, path: Path) -> None:
     buffer = io.BytesIO()
@@ -36,8 +59,15 @@ def score_histograms(
         everything = np.concatenate([s[name] for s in sets.values()])
         lo, hi = np.percentile(everything, [0.5, 99.5])
         bins = np.linspace(lo, hi if hi > lo else lo + 1, 50)
-        for label, scores in sets.items():
-            ax.hist(np.clip(scores[name], lo, hi), bins=bins, alpha=0.5, density=True, label=label)
+        for (label, scores), colour in zip(sets.items(), _colours(len(sets)), strict=True):
+            ax.hist(
+                np.clip(scores[name], lo, hi),
+                bins=bins,
+                alpha=0.5,
+                density=True,
+                label=label,
+                color=colour,
+            )
         if thresholds and name in thresholds:
             ax.axvline(thresholds[name], color="k", linestyle="--", linewidth=1)
         ax.set_title(f"{name} ({SCORES[name].unit})", fontsize=9)
@@ -52,9 +82,9 @@ def roc_curves(
 ) -> None:
     """ROC curve of every score for one OOD set (OOD = positive class)."""
     fig, ax = plt.subplots(figsize=(5, 5))
-    for name in scores_in:
+    for name, style in zip(scores_in, _line_styles(len(scores_in)), strict=True):
         fpr, tpr, _ = roc_curve_points(scores_in[name], scores_out[name])
-        ax.plot(fpr, tpr, label=name)
+        ax.plot(fpr, tpr, label=name, **style)
     ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
     ax.set_xlabel("false positive rate (in-distribution flagged)")
     ax.set_ylabel("true positive rate (OOD caught)")
