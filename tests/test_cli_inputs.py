@@ -7,6 +7,7 @@ Runs the CLI entry point in-process on tiny data and a tiny checkpoint (seconds)
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -346,7 +347,7 @@ def test_an_older_run_in_the_folder_is_not_reported_as_saved(
 
     out = copy_of(vae_run, tmp_path)  # holds a finished 2-step VAE run
     monkeypatch.setattr(train_vae_module, "batch_indices", interrupt)
-    argv = ["train", "vae", "--out", out, "--data", data, *VAE_FLAGS, "--steps", "4"]
+    argv = ["train", "vae", "--out", out, "--data", data, *VAE_FLAGS, "--steps", "4", "--overwrite"]
     code, text = run_cli(argv, capsys, caplog)
     assert code == 130 and "nothing of it is saved" in text
 
@@ -609,3 +610,49 @@ def test_batches_smaller_than_the_processes_are_refused():
     check_batches(10, 4, four)
     with pytest.raises(FlagError, match="--ebm-batch-size 2 with 10 training images"):
         check_batches(10, 2, four, prefix="ebm_")
+
+
+# ------------------------------------------------ a fresh run over a saved one
+def file_digests(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}
+
+
+def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_until_overwrite(
+    vae_run, data, tmp_path, capsys, caplog
+):
+    """Starting afresh replaced a finished run without a word."""
+    out = copy_of(vae_run, tmp_path)
+    before = file_digests(out)
+    argv = ["train", "vae", "--out", out, "--data", data, *VAE_FLAGS, "--steps", "2"]
+    text = assert_refused(argv, "already holds a training state", capsys, caplog)
+    assert "--resume" in text and "--overwrite" in text
+    assert file_digests(out) == before
+    assert run_cli([*argv, "--overwrite"], capsys, caplog)[0] == 0
+    assert_refused([*argv, "--overwrite", "--resume"], "pass one of them", capsys, caplog)
+
+
+def test_a_fresh_energy_over_a_trained_one_is_refused_until_overwrite(
+    vae_run, tmp_path, capsys, caplog
+):
+    """`train ebm --checkpoint CK` writes into CK: over a trained energy (a shipped
+    checkpoint, say) it replaced that energy without a word."""
+    out = copy_of(vae_run, tmp_path)
+    argv = ["train", "ebm", "--checkpoint", out, *EBM_FLAGS, "--steps", "1"]
+    assert run_cli(argv, capsys, caplog)[0] == 0  # a VAE alone: nothing to replace
+    (out / "train_state_ebm.pt").unlink()  # as a published checkpoint ships: no state
+    before = file_digests(out)
+    text = assert_refused(argv, "a checkpoint with a trained energy", capsys, caplog)
+    assert "--checkpoint" in text
+    assert file_digests(out) == before
+    assert run_cli([*argv, "--overwrite"], capsys, caplog)[0] == 0
+
+
+def test_an_energy_is_not_resumed_against_a_retrained_vae(vae_run, data, tmp_path, capsys, caplog):
+    """Retraining the VAE in a folder left the energy's training state there, and
+    --resume went on training that energy against the new VAE."""
+    out = copy_of(vae_run, tmp_path)
+    ebm = ["train", "ebm", "--checkpoint", out, *EBM_FLAGS]
+    assert run_cli([*ebm, "--steps", "1"], capsys, caplog)[0] == 0
+    vae = ["train", "vae", "--out", out, "--data", data, *VAE_FLAGS, "--steps", "2"]
+    assert run_cli([*vae, "--seed", "1", "--overwrite"], capsys, caplog)[0] == 0
+    assert_refused([*ebm, "--steps", "2", "--resume"], "against another VAE", capsys, caplog)

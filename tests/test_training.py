@@ -381,7 +381,7 @@ def test_ebm_divergence_exits_3_and_keeps_the_last_good_checkpoint(tmp_path, vae
         model.energy.state_dict(), load_state(out / "train_state_ebm.pt")["energy"]
     )
     # With the default limit the same run finishes normally.
-    assert main([a for a in argv if a not in ("--max-abs-energy", "1e-12")]) == 0
+    assert main([a for a in argv if a not in ("--max-abs-energy", "1e-12")] + ["--overwrite"]) == 0
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,7 @@ class Parser(argparse.ArgumentParser):
 
 
 # `train all` runs both stages on one checkpoint directory with one device and seed.
-SHARED_BY_STAGES = ("checkpoint", "out", "device", "resume", "seed")
+SHARED_BY_STAGES = ("checkpoint", "out", "device", "resume", "overwrite", "seed")
 
 
 def _stage_args(ns: argparse.Namespace) -> tuple[Any, Any]:

@@ -236,6 +236,33 @@ def check_resumable(
         )
 
 
+def check_resume_or_overwrite(args: Any) -> None:
+    """Refuse ``--resume`` with ``--overwrite``: one continues the saved run, the other
+    replaces it."""
+    if args.resume and args.overwrite:
+        raise FlagError(
+            "--resume continues the saved run and --overwrite replaces it: pass one of them"
+        )
+
+
+def check_fresh_output(out: Path, state_name: str, stage: str, flag: str) -> None:
+    """Refuse to start a run afresh in a directory that holds one of this stage: its
+    training state, or a checkpoint that publishes the stage (a trained VAE, or energy).
+    A fresh run would replace it without a word; ``--resume`` continues it and
+    ``--overwrite`` says to replace it. ``flag`` names where ``out`` came from."""
+    held = []
+    if (out / state_name).is_file():
+        held.append(f"a training state ({state_name})")
+    if completed_steps(out, stage) is not None:
+        held.append(f"a checkpoint with a trained {'VAE' if stage == 'vae' else 'energy'}")
+    if held:
+        raise FlagError(
+            f"{flag} {out} already holds {' and '.join(held)}, which a fresh run would "
+            "replace: pass --resume to continue it, --overwrite to replace it, or choose "
+            f"another {flag}"
+        )
+
+
 def completed_steps(out: Path, stage: str) -> int | None:
     """The steps of ``stage`` ("vae" or "ebm") that the checkpoint in ``out`` publishes;
     None without a readable checkpoint. A training state ahead of it is a run killed

@@ -22,6 +22,7 @@ from tqdm import tqdm
 import training.flags as flags
 from model.checkpoint import (
     CONFIG_NAME,
+    CheckpointError,
     CheckpointInfo,
     load_checkpoint,
     load_state_strictly,
@@ -41,8 +42,10 @@ from training.runtime import (
     check_batches,
     check_finite,
     check_finite_weights,
+    check_fresh_output,
     check_gradients,
     check_resumable,
+    check_resume_or_overwrite,
     completed_steps,
     dataclass_dict,
     load_state,
@@ -52,10 +55,12 @@ from training.runtime import (
     rng_state,
     save_state,
     set_rng_state,
+    state_digest,
 )
 
 log = logging.getLogger(__name__)
 STATE_NAME = "train_state_ebm.pt"
+VAE_DIGEST = "vae_sha256"  # the entry of the state that names the frozen VAE
 CD_INPUTS = ("sample", "mean")
 CORRUPTION_PAIRS = ("own", "all")
 # Flags a resumed run must keep: they shape the saved weights and buffer. --ema-decay may
@@ -174,6 +179,10 @@ class EBMTrainArgs:
     resume : bool
         Continue from the training state in --out (or --checkpoint) instead of
         starting afresh.
+    overwrite : bool
+        Start afresh even though --out (or --checkpoint) holds an energy's run (its
+        training state, or a trained energy), replacing it; without it such a
+        directory is refused.
     """
 
     checkpoint: str = "runs/vae"
@@ -211,6 +220,7 @@ class EBMTrainArgs:
     seed: int = checked(0, flags.seed)
     device: str = checked("auto", flags.device)
     resume: bool = False
+    overwrite: bool = False
 
 
 def check_args(args: EBMTrainArgs, prefix: str = "") -> None:
@@ -223,6 +233,7 @@ def check_args(args: EBMTrainArgs, prefix: str = "") -> None:
         Naming the flag, what was given and what is allowed.
     """
     flags.validate_fields(args, prefix)
+    check_resume_or_overwrite(args)
     name = functools.partial(flag_name, prefix=prefix)
     if not (args.lr_decay_from == 0 or args.lr_decay_from < args.steps):
         raise flags.FlagError(
@@ -245,9 +256,12 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext, prefix: str = "") -> dict:
     """
     check_args(args, prefix)
     out = Path(args.out or args.checkpoint)
-    flags.check_writable_directory(out, "--out" if args.out else "--checkpoint")
+    out_flag = "--out" if args.out else "--checkpoint"
+    flags.check_writable_directory(out, out_flag)
     if args.resume:
         check_resumable(out, STATE_NAME, "ebm", args, RESUME_FIELDS, prefix)
+    elif not args.overwrite:
+        check_fresh_output(out, STATE_NAME, "ebm", out_flag)
     state = load_state(out / STATE_NAME) if args.resume else None
     if state is not None and ("ema" in state) != (args.ema_decay > 0):
         saved = "a moving average" if "ema" in state else "no moving average"
@@ -263,8 +277,16 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext, prefix: str = "") -> dict:
     # its first training state and its first checkpoint left none in --out: then the VAE
     # is --checkpoint's, as in that run.
     resumed_checkpoint = args.resume and (out / CONFIG_NAME).exists()
-    model, info = load_checkpoint(out if resumed_checkpoint else args.checkpoint, ctx.device)
+    source = out if resumed_checkpoint else Path(args.checkpoint)
+    model, info = load_checkpoint(source, ctx.device)
     vae = model.vae
+    vae_digest = state_digest(vae.state_dict())
+    if state is not None and state.get(VAE_DIGEST, vae_digest) != vae_digest:
+        raise CheckpointError(
+            f"--resume: the training state in {out} trained its energy against another VAE "
+            f"than the one in {source} (was the VAE retrained there?); resuming would pair "
+            "the two: train afresh with --overwrite"
+        )
     train_images, val_images = load_positives(args, info, vae.image_shape, ctx, prefix)
     energy = EnergyNet(
         EnergyConfig(*vae.image_shape[:2], args.energy_hidden, head=args.energy_head)
@@ -479,6 +501,7 @@ def _save(
         "step": step,
         "seconds": time.time() - started,
         "metrics": dict(metrics),
+        VAE_DIGEST: state_digest(model.vae.state_dict()),  # the frozen VAE it trains against
     }
     if buffer is not None:
         state["buffer"] = buffer.state_dict()

@@ -38,8 +38,10 @@ from training.runtime import (
     check_batches,
     check_finite,
     check_finite_weights,
+    check_fresh_output,
     check_gradients,
     check_resumable,
+    check_resume_or_overwrite,
     dataclass_dict,
     load_state,
     random_horizontal_flip,
@@ -123,6 +125,9 @@ class VAETrainArgs:
         auto (CUDA when present, CPU otherwise), cpu, cuda or cuda:N.
     resume : bool
         Continue from the training state in --out instead of starting afresh.
+    overwrite : bool
+        Start afresh even though --out holds a run (a training state or a trained
+        VAE), replacing it; without it such an --out is refused.
     """
 
     out: str = "runs/vae"
@@ -147,6 +152,7 @@ class VAETrainArgs:
     seed: int = checked(0, flags.seed)
     device: str = checked("auto", flags.device)
     resume: bool = False
+    overwrite: bool = False
 
 
 def check_args(args: VAETrainArgs) -> VAEConfig:
@@ -158,6 +164,7 @@ def check_args(args: VAETrainArgs) -> VAEConfig:
         Naming the flag (FlagError) or, for the latent groups, the rule VAEConfig keeps.
     """
     flags.validate_fields(args)
+    check_resume_or_overwrite(args)
     if not 1 <= len(args.latent_channels) <= 2:
         raise flags.FlagError(
             f"--latent-channels takes 1 or 2 values (one per latent group), got "
@@ -206,6 +213,8 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
     flags.check_writable_directory(out, "--out")
     if args.resume:
         check_resumable(out, STATE_NAME, "vae", args, RESUME_FIELDS)
+    elif not args.overwrite:
+        check_fresh_output(out, STATE_NAME, "vae", "--out")
     state = load_state(out / STATE_NAME) if args.resume else None
     if ctx.is_main and out.is_dir():
         remove_stale_temp_files(out, STATE_NAME)
