@@ -343,7 +343,9 @@ def test_the_advice_on_how_many_images_to_give_is_quick_and_exact_at_extreme_set
         ]
         for settings, expected in cases:
             with pytest.raises(FlagError, match=re.escape(expected)):
-                split_for_calibration(CalibrateArgs(data="noise:40", **settings), 40)
+                split_for_calibration(
+                    CalibrateArgs(data="noise:40", checkpoint="ck", **settings), 40
+                )
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)

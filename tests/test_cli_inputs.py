@@ -148,6 +148,13 @@ def test_calibrate_needs_data(tiny_checkpoint, capsys, caplog):
     assert (tiny_checkpoint / CALIBRATION_NAME).read_bytes() == before
 
 
+def test_calibrate_needs_a_checkpoint(capsys, caplog):
+    """No default checkpoint: the old one, the shipped model, had its calibration
+    overwritten by a `vaebm calibrate` that forgot --checkpoint."""
+    argv = ["calibrate", "--data", "noise:8"]
+    assert_refused(argv, "the following arguments are required: --checkpoint", capsys, caplog)
+
+
 # ------------------------------------------------- checks across flags and files
 def test_train_all_checks_the_ebm_flags_before_its_vae_stage(tmp_path, data, capsys, caplog):
     out = tmp_path / "all"

@@ -49,7 +49,8 @@ class CalibrateArgs:
         checkpoint, and a wrong guess overwrites its calibration.
     checkpoint : str
         Checkpoint directory to calibrate; calibration.json and the report are
-        written into it.
+        written into it. Required: a default would overwrite the calibration of
+        whichever checkpoint it names.
     target_fpr : float
         alpha, the share of in-distribution images each threshold may flag as OOD;
         at least 1/n for n calibration images, at most 0.5.
@@ -73,7 +74,7 @@ class CalibrateArgs:
     """
 
     data: str = flags.checked_required(flags.data_spec)
-    checkpoint: str = "checkpoints/fashion-mnist"
+    checkpoint: str
     target_fpr: float = checked(0.05, flags.in_range(float, 0, 0.5, low_open=True))
     holdout_fraction: float = checked(0.5, flags.open_fraction)
     default_score: str = checked("", flags.one_of("", *SCORES))
