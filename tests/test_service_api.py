@@ -639,6 +639,15 @@ def test_sample_json_and_random_seed(tiny_service_client: TestClient) -> None:
     assert again.json()["images"] == body["images"]
 
 
+def test_sample_without_a_body_takes_the_defaults(tiny_service_client: TestClient) -> None:
+    """Every field has a default: a bare POST was a 422 "body: Field required"."""
+    bare = tiny_service_client.post("/sample")
+    assert bare.status_code == 422  # the defaults (n 16) pass this service's caps (n <= 8)
+    empty = tiny_service_client.post("/sample", json={})
+    assert bare.json()["detail"] == empty.json()["detail"]
+    assert "VAEBM_SAMPLE_MAX_N" in bare.json()["detail"]
+
+
 def test_sample_caps_and_validation(tiny_service_client: TestClient) -> None:
     response = tiny_service_client.post("/sample", json={"n": 9, "steps": 5})
     body = assert_problem(

@@ -74,17 +74,19 @@ def check_caps(request: SampleRequest, settings: Settings) -> None:
     dependencies=[Depends(sample_slot)],
 )
 async def sample(
-    body: SampleRequest,
     request: Request,
     runtime: RuntimeDep,
     settings: SettingsDep,
     metrics: MetricsDep,
+    body: SampleRequest | None = None,
 ) -> Response | SampleResponse:
     """Langevin samples; the same seed (and n, steps, step_size) gives the same bytes.
+    Every field has a default, so no body at all is a request for the defaults.
 
     The work stops when the client disconnects (status 499 in the logs and metrics) or
     the service starts shutting down (503).
     """
+    body = body if body is not None else SampleRequest()
     check_caps(body, settings)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**63)
     step_size = body.step_size or runtime.info.langevin_step_size
