@@ -258,6 +258,11 @@ def test_score_decision_on_another_score(tiny_service_client: TestClient) -> Non
         "energy, iwae_bpd, typicality_nats, vaebm_bpd, vaebm_typicality_nats",
         "uncalibrated-score",
     )
+    response = tiny_service_client.post(  # a name no score has: said so, not "uncalibrated"
+        "/score", params={"score": "bogus"}, files={"file": ("a.png", png(), "image/png")}
+    )
+    assert response.json()["detail"].startswith("score 'bogus' does not exist; choose one of")
+    assert response.json()["type"].endswith("unknown-score")
 
 
 def test_score_reports_conversion_and_resize(tiny_service_client: TestClient) -> None:

@@ -9,6 +9,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 
+from model.scores import SCORES
 from service.cancellation import unless_client_leaves
 from service.deps import MetricsDep, RuntimeDep, SettingsDep
 from service.errors import ProblemError
@@ -42,11 +43,12 @@ def decision_score(runtime: ModelRuntime, requested: str | None) -> str:
     if requested is None:
         return calibration.default_score
     if requested not in calibration.scores:
+        known = requested in SCORES
         raise ProblemError(
             422,
-            "uncalibrated-score",
-            f"score {requested!r} has no calibration; choose one of "
-            f"{', '.join(sorted(calibration.scores))}",
+            "uncalibrated-score" if known else "unknown-score",
+            f"score {requested!r} {'has no calibration' if known else 'does not exist'}; "
+            f"choose one of {', '.join(sorted(calibration.scores))}",
         )
     return requested
 
