@@ -18,8 +18,13 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "vaebm_request_id", default=None
 )
 
-# LogRecord attributes that are not user-supplied ``extra`` fields.
-_RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+# LogRecord attributes that are not user-supplied ``extra`` fields, and uvicorn's
+# ``color_message`` (the message again, with terminal colour codes).
+_RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 _HANDLER_NAME = "vaebm-service"
 
 

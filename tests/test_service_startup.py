@@ -340,4 +340,7 @@ def test_real_server_scores_over_http_and_stops_on_sigterm(tiny_checkpoint: Path
     scored = [line for line in lines if line.get("request_id") == "over-http-1"]
     assert scored and scored[-1]["status"] == 200 and scored[-1]["route"] == "/score"
     assert any(line["message"] == "shut down cleanly" for line in lines)
+    # uvicorn's own lines come without their terminal-coloured copy of the message.
+    assert any(line["logger"].startswith("uvicorn") for line in lines)
+    assert not any("color_message" in line for line in lines)
     assert any(line.get("route") == "/sample" and line.get("status") == 499 for line in lines)
