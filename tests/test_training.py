@@ -37,6 +37,7 @@ from training.runtime import (
     batch_indices,
     check_finite,
     load_state,
+    progress_bar,
     random_horizontal_flip,
     setup_distributed,
 )
@@ -1009,3 +1010,12 @@ def test_a_damaged_score_cache_is_ignored_not_a_traceback(tmp_path):
     for damaged in (raw[: len(raw) // 2], bytes(flipped), raw[:30]):
         path.write_bytes(damaged)
         assert scoring._load_cache(path, "key") == {}
+
+
+def test_progress_bars_written_to_a_log_redraw_rarely(capsys):
+    """Logged to a file, the bars' ten redraws a second buried the log's lines."""
+    with progress_bar(total=3, desc="x") as bar:  # pytest's stderr is not a terminal
+        assert bar.mininterval == 30.0
+        bar.update(3)
+    with progress_bar(total=3, mininterval=0.5) as bar:  # a caller's choice stands
+        assert bar.mininterval == 0.5

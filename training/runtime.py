@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from model.checkpoint import (
     CONFIG_NAME,
@@ -103,6 +105,15 @@ def check_batches(num_items: int, batch_size: int, ctx: DistContext, prefix: str
             f"images gives batches of {per_batch}, fewer than the {ctx.world_size} "
             "processes: use a larger batch or more images"
         )
+
+
+def progress_bar(**kwargs: Any) -> tqdm:
+    """A tqdm progress bar that, written to a file or a pipe rather than a terminal,
+    redraws every 30 s instead of ten times a second: a log keeps the progress, not
+    thousands of bar lines."""
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", 30.0)
+    return tqdm(**kwargs)
 
 
 def random_horizontal_flip(images: torch.Tensor) -> torch.Tensor:

@@ -15,11 +15,11 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from model.checkpoint import atomic_write_bytes
 from model.scores import MODEL_SCORE_NAMES, compute_scores
 from model.vaebm import VAEBM
+from training.runtime import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def score_dataset(
     done = _load_cache(cache, key) if cache else {}
     start = len(done["elbo_bpd"]) if done else 0
     parts = {name: [done[name]] if done else [] for name in MODEL_SCORE_NAMES}
-    with tqdm(total=len(images), initial=start, desc=desc, unit="img") as bar:
+    with progress_bar(total=len(images), initial=start, desc=desc, unit="img") as bar:
         for i, begin in enumerate(range(start, len(images), batch_size)):
             batch = images[begin : begin + batch_size]
             for name, values in compute_scores(model, batch, iwae_k=iwae_k, seed=seed).items():

@@ -17,7 +17,6 @@ import torch
 import torch.distributed
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
 
 import training.flags as flags
 from model.checkpoint import (
@@ -49,6 +48,7 @@ from training.runtime import (
     completed_steps,
     dataclass_dict,
     load_state,
+    progress_bar,
     random_horizontal_flip,
     remove_stale_temp_files,
     restoring,
@@ -319,7 +319,9 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext, prefix: str = "") -> dict:
         return metrics
     blur_range = (args.corruption_blur_min, args.corruption_blur_max)
     # The bar is closed on any way out (Ctrl-C too), so that an error gets a line of its own.
-    with tqdm(total=args.steps, initial=step, desc="ebm", disable=not ctx.is_main) as progress:
+    with progress_bar(
+        total=args.steps, initial=step, desc="ebm", disable=not ctx.is_main
+    ) as progress:
         while step < args.steps:
             idx = batch_indices(len(train_images), args.batch_size, step, args.seed, ctx)
             x_pos = to_unit_range(train_images[idx].to(ctx.device))

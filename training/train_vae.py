@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 import training.flags as flags
 from model.checkpoint import (
@@ -44,6 +43,7 @@ from training.runtime import (
     check_resume_or_overwrite,
     dataclass_dict,
     load_state,
+    progress_bar,
     random_horizontal_flip,
     remove_stale_temp_files,
     restoring,
@@ -249,7 +249,9 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
     net = DistributedDataParallel(vae) if ctx.distributed else vae
     started = time.time() - seconds_before
     # The bar is closed on any way out (Ctrl-C too), so that an error gets a line of its own.
-    with tqdm(total=args.steps, initial=step, desc="vae", disable=not ctx.is_main) as progress:
+    with progress_bar(
+        total=args.steps, initial=step, desc="vae", disable=not ctx.is_main
+    ) as progress:
         while step < args.steps:
             idx = batch_indices(len(train_images), args.batch_size, step, args.seed, ctx)
             x = to_unit_range(train_images[idx].to(ctx.device))
