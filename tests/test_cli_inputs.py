@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -628,13 +629,15 @@ def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_until_overwrite(
     vae_run, data, tmp_path, capsys, caplog
 ):
     """Starting afresh replaced a finished run without a word."""
+    caplog.set_level(logging.INFO, logger="vaebm")  # the closing line says what is next
     out = copy_of(vae_run, tmp_path)
     before = file_digests(out)
     argv = ["train", "vae", "--out", out, "--data", data, *VAE_FLAGS, "--steps", "2"]
     text = assert_refused(argv, "already holds a training state", capsys, caplog)
     assert "--resume" in text and "--overwrite" in text
     assert file_digests(out) == before
-    assert run_cli([*argv, "--overwrite"], capsys, caplog)[0] == 0
+    code, text = run_cli([*argv, "--overwrite"], capsys, caplog)
+    assert code == 0 and f"next: `vaebm train ebm --checkpoint {out}`" in text
     assert_refused([*argv, "--overwrite", "--resume"], "pass one of them", capsys, caplog)
 
 
@@ -643,9 +646,11 @@ def test_a_fresh_energy_over_a_trained_one_is_refused_until_overwrite(
 ):
     """`train ebm --checkpoint CK` writes into CK: over a trained energy (a shipped
     checkpoint, say) it replaced that energy without a word."""
+    caplog.set_level(logging.INFO, logger="vaebm")  # the closing line says what is next
     out = copy_of(vae_run, tmp_path)
     argv = ["train", "ebm", "--checkpoint", out, *EBM_FLAGS, "--steps", "1"]
-    assert run_cli(argv, capsys, caplog)[0] == 0  # a VAE alone: nothing to replace
+    code, text = run_cli(argv, capsys, caplog)  # a VAE alone: nothing to replace
+    assert code == 0 and f"next: `vaebm calibrate --checkpoint {out} --data" in text
     (out / "train_state_ebm.pt").unlink()  # as a published checkpoint ships: no state
     before = file_digests(out)
     text = assert_refused(argv, "a checkpoint with a trained energy", capsys, caplog)

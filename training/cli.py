@@ -99,7 +99,23 @@ def _train(ns: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     finally:
         teardown_distributed(ctx)
+    if ctx.is_main:
+        log.info("%s", next_steps(out, energy_trained=ebm_args is not None))
     return 0
+
+
+def next_steps(out: Path, *, energy_trained: bool) -> str:
+    """Where the checkpoint is and what a user runs next (the service refuses a
+    checkpoint without a calibration)."""
+    calibrate = f"`vaebm calibrate --checkpoint {out} --data HELD_OUT_IMAGES`"
+    if not energy_trained:
+        return (
+            f"checkpoint written to {out}; next: `vaebm train ebm --checkpoint {out}` for "
+            f"the energy, then {calibrate}"
+        )
+    return (
+        f"checkpoint written to {out}; next: {calibrate}, then `VAEBM_CHECKPOINT={out} vaebm serve`"
+    )
 
 
 def interrupted_training(
