@@ -37,7 +37,7 @@ timeout 60 python3 benchmarks/sample_stepping.py --checkpoint checkpoints/fashio
   2>&1 | tail -n 3
 echo "== EBM training speed, the shipped recipe's first stage, 90 s $(date +%T)"
 source benchmarks/shipped_ebm_flags.sh
-timeout 90 python3 -m training.cli train ebm --checkpoint checkpoints/fashion-mnist \
+timeout 90 python3 -m training.cli train ebm --checkpoint checkpoints/fashion-mnist --overwrite \
   --out /tmp/ebm-cuda --data "$data/train-images-idx3-ubyte.gz" "${SHIPPED_EBM_FLAGS[@]}" \
   --lr 1e-4 --steps 6000 --device cuda \
   > "$out/ebm-cuda.log" 2>&1; echo "train rc $? (124: stopped by the 90 s limit, as planned)"
