@@ -5,13 +5,15 @@
 set -euo pipefail
 data=${1:-../shared/datasets/fashion-mnist/train-images-idx3-ubyte.gz@0:20000}
 steps=${2:-600}
+pids=()
 for groups in "8" "8 4"; do
   name="latent-${groups// /-}"
-  OMP_NUM_THREADS=1 vaebm train vae --out "runs/$name" --data "$data" --steps "$steps" \
+  OMP_NUM_THREADS=1 vaebm train vae --out "runs/$name" --data "$data" --steps "$steps" --overwrite \
     --latent-channels $groups --kl-warmup-steps $((steps / 3)) --eval-every "$steps" \
     --checkpoint-every "$steps" --eval-images 1000 --iwae-k 16 > "runs/$name.log" 2>&1 &
+  pids+=($!)
 done
-wait
+for pid in "${pids[@]}"; do wait "$pid"; done  # a failed run fails the script
 for groups in "8" "8 4"; do
   name="latent-${groups// /-}"
   python -c "import json,sys; m=json.load(open('runs/$name/config.json'))['metrics']['vae']; \

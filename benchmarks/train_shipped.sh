@@ -5,13 +5,14 @@
 set -euo pipefail
 shared=${1:-../shared/datasets}
 source "$(dirname "$0")/shipped_ebm_flags.sh"
+pids=()
 for name in fashion-mnist mnist; do
   (
     export OMP_NUM_THREADS=1
     # Stage 1: the VAE (3000 steps of 64 images, Adamax, cosine-decayed lr, KL warm-up).
     # This gives a VAE of the same quality, not the shipped one bit for bit: that needs the
     # runs' history (docs/training.md, "Reproducing the VAE bit for bit").
-    vaebm train vae --out "runs/$name" --name "$name" \
+    vaebm train vae --out "runs/$name" --name "$name" --overwrite \
       --data "$shared/$name/train-images-idx3-ubyte.gz" \
       --steps 3000 --kl-warmup-steps 1000 --eval-every 500 --checkpoint-every 250 \
       --eval-images 1000 --iwae-k 16
@@ -22,7 +23,7 @@ for name in fashion-mnist mnist; do
     # Fashion-MNIST's 6000 iterations at 1e-4 are near the edge: seed 0 (shipped) got
     # through; with --seed 1 the energy ran away and diverged at 5954 (docs/training.md).
     if [ "$name" = fashion-mnist ]; then steps=6000; fi
-    vaebm train ebm --checkpoint "runs/$name" "${ebm[@]}" --steps "$steps" --lr 1e-4
+    vaebm train ebm --checkpoint "runs/$name" "${ebm[@]}" --steps "$steps" --lr 1e-4 --overwrite
     if [ "$name" = fashion-mnist ]; then  # 3000 more at a fifth of the rate (it diverged at 1e-4),
       # each blurred copy now blurred at a sigma drawn from 1-13 pixels instead of 3, and
       # the corruption term weighted 4 (the later --corruption-weight overrides the array's)
@@ -30,8 +31,9 @@ for name in fashion-mnist mnist; do
         --corruption-blur-min 1 --corruption-blur-max 13 --corruption-weight 4
     fi
   ) > "runs/$name.log" 2>&1 &
+  pids+=($!)
 done
-wait
+for pid in "${pids[@]}"; do wait "$pid"; done  # a failed model fails the script
 mkdir -p checkpoints
 for name in fashion-mnist mnist; do
   mkdir -p "checkpoints/$name"

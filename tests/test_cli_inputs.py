@@ -360,6 +360,25 @@ def test_an_older_run_in_the_folder_is_not_reported_as_saved(
     assert code == 130 and "nothing of it is saved" in text
 
 
+def test_ctrl_c_after_overwrite_advises_resume_in_its_place(
+    vae_run, data, tmp_path, monkeypatch, capsys, caplog
+):
+    """ "Run the same command with --resume" kept --overwrite, which --resume refuses."""
+    real = train_vae_module.batch_indices
+
+    def interrupt_at_step_3(num_items, batch_size, step, seed, ctx):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(num_items, batch_size, step, seed, ctx)
+
+    out = copy_of(vae_run, tmp_path)
+    monkeypatch.setattr(train_vae_module, "batch_indices", interrupt_at_step_3)
+    argv = ["train", "vae", "--out", out, "--data", data, *VAE_FLAGS, "--steps", "4"]
+    code, text = run_cli([*argv, "--checkpoint-every", "1", "--overwrite"], capsys, caplog)
+    assert code == 130
+    assert "of step 3; run the same command with --resume in place of --overwrite" in text
+
+
 def test_resume_may_change_a_non_zero_ema_decay_but_not_turn_it_off(
     vae_run, tmp_path, capsys, caplog
 ):
@@ -659,12 +678,31 @@ def test_a_fresh_energy_over_a_trained_one_is_refused_until_overwrite(
     assert run_cli([*argv, "--overwrite"], capsys, caplog)[0] == 0
 
 
-def test_an_energy_is_not_resumed_against_a_retrained_vae(vae_run, data, tmp_path, capsys, caplog):
+def test_an_energy_is_not_resumed_against_another_vae(vae_run, data, tmp_path, capsys, caplog):
     """Retraining the VAE in a folder left the energy's training state there, and
     --resume went on training that energy against the new VAE."""
     out = copy_of(vae_run, tmp_path)
     ebm = ["train", "ebm", "--checkpoint", out, *EBM_FLAGS]
     assert run_cli([*ebm, "--steps", "1"], capsys, caplog)[0] == 0
-    vae = ["train", "vae", "--out", out, "--data", data, *VAE_FLAGS, "--steps", "2"]
-    assert run_cli([*vae, "--seed", "1", "--overwrite"], capsys, caplog)[0] == 0
+    energy_state = (out / "train_state_ebm.pt").read_bytes()
+    vae = ["train", "vae", "--data", data, *VAE_FLAGS, "--steps", "2", "--seed", "1"]
+    # A VAE retrained in the folder removes the energy's state, which no longer fits it,
+    assert run_cli([*vae, "--out", out, "--overwrite"], capsys, caplog)[0] == 0
+    assert not (out / "train_state_ebm.pt").exists()
+    # and a state put back beside another VAE is refused.
+    (out / "train_state_ebm.pt").write_bytes(energy_state)
     assert_refused([*ebm, "--steps", "2", "--resume"], "against another VAE", capsys, caplog)
+
+
+def test_an_energy_into_another_models_folder_is_refused_until_overwrite(
+    vae_run, tmp_path, capsys, caplog
+):
+    """`train ebm --checkpoint A --out B`, B holding a VAE of its own: B's VAE was
+    replaced by A's without a word."""
+    other = tmp_path / "other"
+    shutil.copytree(vae_run, other)
+    before = file_digests(other)
+    argv = ["train", "ebm", "--checkpoint", vae_run, "--out", other, *EBM_FLAGS, "--steps", "1"]
+    assert_refused(argv, f"--out {other} already holds a checkpoint", capsys, caplog)
+    assert file_digests(other) == before
+    assert run_cli([*argv, "--overwrite"], capsys, caplog)[0] == 0

@@ -897,6 +897,56 @@ def test_vae_killed_between_its_last_state_and_checkpoint_keeps_its_metrics(
     )
 
 
+def test_vae_killed_after_its_final_evaluation_publishes_what_it_measured(
+    tmp_path, data, ctx, monkeypatch
+):
+    """The final save (after the IWAE evaluation) writes its state, then its checkpoint;
+    killed between the two, the resumed run publishes that state's metrics."""
+    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
+    full_metrics = train_vae(vae_args(full_dir, data), ctx)
+    real = train_vae_module.save_checkpoint
+
+    def die_at_the_final_save(out, model, info):
+        if "train_seconds" in info.metrics["vae"]:
+            raise Killed
+        real(out, model, info)
+
+    monkeypatch.setattr(train_vae_module, "save_checkpoint", die_at_the_final_save)
+    with pytest.raises(Killed):
+        train_vae(vae_args(killed_dir, data), ctx)
+    monkeypatch.undo()
+    resumed = train_vae(vae_args(killed_dir, data, resume=True), ctx)
+    assert resumed["val_iwae_bpd"] == full_metrics["val_iwae_bpd"]
+    assert resumed["val_elbo_bpd"] == full_metrics["val_elbo_bpd"]
+    assert "train_seconds" in load_checkpoint(killed_dir)[1].metrics["vae"]
+
+
+def test_vae_run_on_for_more_steps_measures_its_final_metrics_again(
+    tmp_path, data, ctx, monkeypatch
+):
+    """Resumed for more steps, a finished run carried its old final metrics along, and,
+    killed in the new final evaluation, counted as finished with them."""
+    out = tmp_path / "run"
+    train_vae(vae_args(out, data), ctx)
+    real = train_vae_module.evaluate_bpd
+
+    def die_in_the_final_evaluation(vae, images, device, k=0):
+        if k:
+            raise Killed
+        return real(vae, images, device, k)
+
+    monkeypatch.setattr(train_vae_module, "evaluate_bpd", die_in_the_final_evaluation)
+    with pytest.raises(Killed):
+        train_vae(vae_args(out, data, steps=9, resume=True), ctx)
+    monkeypatch.undo()
+    assert "val_iwae_bpd" not in load_checkpoint(out)[1].metrics["vae"]  # step 9, in-loop
+    resumed = train_vae(vae_args(out, data, steps=9, resume=True), ctx)
+    reference = tmp_path / "reference"
+    train_vae(vae_args(reference, data), ctx)
+    expected = train_vae(vae_args(reference, data, steps=9, resume=True), ctx)
+    assert resumed["val_iwae_bpd"] == expected["val_iwae_bpd"]
+
+
 def test_a_flipped_byte_in_a_training_state_is_refused_and_nothing_is_written(
     tmp_path, data, caplog
 ):
@@ -1015,7 +1065,7 @@ def test_a_damaged_score_cache_is_ignored_not_a_traceback(tmp_path):
 def test_progress_bars_written_to_a_log_redraw_rarely(capsys):
     """Logged to a file, the bars' ten redraws a second buried the log's lines."""
     with progress_bar(total=3, desc="x") as bar:  # pytest's stderr is not a terminal
-        assert bar.mininterval == 30.0
+        assert bar.mininterval == 30.0 and bar.maxinterval == 30.0
         bar.update(3)
     with progress_bar(total=3, mininterval=0.5) as bar:  # a caller's choice stands
         assert bar.mininterval == 0.5

@@ -92,8 +92,15 @@ def _train(ns: argparse.Namespace) -> int:
         return 3
     except KeyboardInterrupt:
         vae_done = ns.stage == "all" and stage == "ebm"
+        module = train_vae if stage == "vae" else train_ebm
         message = interrupted_training(
-            stage, out, since=started, vae_done=vae_done, resumed=resumed
+            stage,
+            out,
+            since=started,
+            vae_done=vae_done,
+            resumed=resumed,
+            overwrite=ns.overwrite,
+            state_name=module.STATE_NAME,
         )
         log.error("%s", message)
         return EXIT_INTERRUPTED
@@ -119,14 +126,23 @@ def next_steps(out: Path, *, energy_trained: bool) -> str:
 
 
 def interrupted_training(
-    stage: str, out: Path, *, since: float, vae_done: bool, resumed: bool = False
+    stage: str,
+    out: Path,
+    *,
+    since: float,
+    vae_done: bool,
+    resumed: bool = False,
+    overwrite: bool = False,
+    state_name: str = "",
 ) -> str:
     """One line for Ctrl-C in a training stage: what is saved, and how to go on.
 
     Only a checkpoint written since ``since`` (the command's start) counts: an older run
     in the same folder is not this one's progress, unless this stage ``resumed`` it.
     ``vae_done``: ``train all`` was in its EBM stage, so the finished VAE is kept, and
-    ``--resume`` skips to the EBM stage.
+    ``--resume`` skips to the EBM stage. ``overwrite``: the command had --overwrite,
+    which --resume replaces. ``state_name``: the stage's training state, which a run
+    killed before its first checkpoint may have written already.
     """
     from model.checkpoint import CheckpointError, read_config
 
@@ -136,6 +152,13 @@ def interrupted_training(
     except (OSError, CheckpointError, KeyError):
         step = None
     name = stage.upper()
+    resume = "with --resume" + (" in place of --overwrite" if overwrite else "")
+    state = out / state_name
+    if step is None and state_name and state.is_file() and state.stat().st_mtime >= since:
+        return (
+            f"interrupted in the {name} stage before its first checkpoint; {out} holds its "
+            f"training state: run the same command {resume} to continue from there"
+        )
     if step is None and resumed:  # killed before its first checkpoint, then resumed
         return (
             f"interrupted in the {name} stage: {out} holds the training state it resumed "
@@ -144,7 +167,7 @@ def interrupted_training(
     if step is None and vae_done:
         return (
             f"interrupted in the {name} stage before its first checkpoint; the finished VAE "
-            f"stage is saved in {out}: run the same command with --resume to keep it and "
+            f"stage is saved in {out}: run the same command {resume} to keep it and "
             "start the EBM stage afresh"
         )
     if step is None:
@@ -154,7 +177,7 @@ def interrupted_training(
         )
     return (
         f"interrupted in the {name} stage: {out} holds its checkpoint and training state "
-        f"of step {step}; run the same command with --resume to continue from there"
+        f"of step {step}; run the same command {resume} to continue from there"
     )
 
 

@@ -113,6 +113,7 @@ def progress_bar(**kwargs: Any) -> tqdm:
     thousands of bar lines."""
     if not sys.stderr.isatty():
         kwargs.setdefault("mininterval", 30.0)
+        kwargs.setdefault("maxinterval", kwargs["mininterval"])  # tqdm's monitor: 10 s
     return tqdm(**kwargs)
 
 

@@ -262,6 +262,13 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext, prefix: str = "") -> dict:
         check_resumable(out, STATE_NAME, "ebm", args, RESUME_FIELDS, prefix)
     elif not args.overwrite:
         check_fresh_output(out, STATE_NAME, "ebm", out_flag)
+        other_model = args.out and out.resolve() != Path(args.checkpoint).resolve()
+        if other_model and (out / CONFIG_NAME).exists():  # its VAE would be replaced too
+            raise FlagError(
+                f"--out {out} already holds a checkpoint, which this run would replace "
+                "with --checkpoint's VAE and a new energy: pass --overwrite to replace "
+                "it, or choose another --out"
+            )
     state = load_state(out / STATE_NAME) if args.resume else None
     if state is not None and ("ema" in state) != (args.ema_decay > 0):
         saved = "a moving average" if "ema" in state else "no moving average"
@@ -303,6 +310,8 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext, prefix: str = "") -> dict:
         step, seconds_before, metrics = restore(
             out / STATE_NAME, state, energy, optimizer, buffer, ema
         )
+        if "metrics" not in state:  # saved before states kept them: the checkpoint's
+            metrics = dict(info.metrics.get("ebm", {}))
         log.info("resumed EBM training from %s at step %d", out, step)
     net = DistributedDataParallel(energy) if ctx.distributed else energy
     published = model if ema is None else VAEBM(vae, ema.module)

@@ -54,6 +54,8 @@ from training.runtime import (
 
 log = logging.getLogger(__name__)
 STATE_NAME = "train_state_vae.pt"
+EBM_STATE_NAME = "train_state_ebm.pt"  # stage 2's, in the same folder by default
+FINAL_METRICS = ("val_iwae_bpd", "train_seconds")  # measured once, after the last step
 # Settings a resumed run must share with the saved one: the first four shape the saved
 # weights, the last three decide the train/validation split (changed, validation images
 # would move into training).
@@ -220,6 +222,13 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
     state = load_state(out / STATE_NAME) if args.resume else None
     if ctx.is_main and out.is_dir():
         remove_stale_temp_files(out, STATE_NAME)
+        if state is None and (out / EBM_STATE_NAME).is_file():
+            # An energy's state trained against the VAE this run replaces: it could only
+            # be resumed against the wrong VAE, and would make `train ebm` ask for
+            # --overwrite.
+            stale = out / EBM_STATE_NAME
+            log.info("removing %s: its energy was trained against the replaced VAE", stale)
+            stale.unlink()
     torch.manual_seed(args.seed)
     train_images, val_images = load_split(args, ctx)
     vae = VAE(config).to(ctx.device)
@@ -238,6 +247,11 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
             step = int(state["step"])
             seconds_before = float(state.get("seconds", 0.0))  # wall time of earlier runs
             metrics = dict(state.get("metrics", {}))  # the last evaluation's
+        # The final save's state holds the final metrics too; they stand only if this run
+        # ends at the same step (more --steps measure them again, at the new end).
+        final = bool(state.get("final", False)) and step >= args.steps
+        if not final:
+            metrics = {k: v for k, v in metrics.items() if k not in FINAL_METRICS}
         log.info("resumed VAE training from %s at step %d", out, step)
         finished = _finished_metrics(out, step) if step >= args.steps else None
         if finished is not None:
@@ -246,6 +260,10 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
             # placeholder and its metrics by new ones.
             log.info("VAE training in %s already finished at step %d", out, step)
             return finished
+        if final:  # killed between its final state and final checkpoint: publish them
+            if ctx.is_main:
+                _save(out, model, optimizer, step, args, metrics, seconds_before, final=True)
+            return metrics
     net = DistributedDataParallel(vae) if ctx.distributed else vae
     started = time.time() - seconds_before
     # The bar is closed on any way out (Ctrl-C too), so that an error gets a line of its own.
@@ -292,7 +310,7 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
         else:
             log.info("no validation images (--val-fraction 0): validation bits/dim skipped")
         metrics["train_seconds"] = time.time() - started
-        _save(out, model, optimizer, step, args, metrics, metrics["train_seconds"])
+        _save(out, model, optimizer, step, args, metrics, metrics["train_seconds"], final=True)
     return metrics
 
 
@@ -308,8 +326,11 @@ def _finished_metrics(out: Path, step: int) -> dict | None:
     return dict(metrics) if done and "train_seconds" in metrics else None
 
 
-def _save(out: Path, model: VAEBM, optimizer, step: int, args, metrics: dict, secs: float):
-    """Write the resumable state first, then the published checkpoint."""
+def _save(
+    out: Path, model: VAEBM, optimizer, step: int, args, metrics: dict, secs: float, final=False
+):
+    """Write the resumable state first, then the published checkpoint; ``final``: the
+    last save, after the final evaluation."""
     save_state(
         out / STATE_NAME,
         {
@@ -319,6 +340,7 @@ def _save(out: Path, model: VAEBM, optimizer, step: int, args, metrics: dict, se
             "step": step,
             "seconds": secs,
             "metrics": dict(metrics),
+            "final": final,
         },
     )
     info = CheckpointInfo(
