@@ -256,27 +256,7 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext, prefix: str = "") -> dict:
     """
     check_args(args, prefix)
     out = Path(args.out or args.checkpoint)
-    out_flag = "--out" if args.out else "--checkpoint"
-    flags.check_writable_directory(out, out_flag)
-    if args.resume:
-        check_resumable(out, STATE_NAME, "ebm", args, RESUME_FIELDS, prefix)
-    elif not args.overwrite:
-        check_fresh_output(out, STATE_NAME, "ebm", out_flag)
-        other_model = args.out and out.resolve() != Path(args.checkpoint).resolve()
-        if other_model and (out / CONFIG_NAME).exists():  # its VAE would be replaced too
-            raise FlagError(
-                f"--out {out} already holds a checkpoint, which this run would replace "
-                "with --checkpoint's VAE and a new energy: pass --overwrite to replace "
-                "it, or choose another --out"
-            )
-    state = load_state(out / STATE_NAME) if args.resume else None
-    if state is not None and ("ema" in state) != (args.ema_decay > 0):
-        saved = "a moving average" if "ema" in state else "no moving average"
-        raise FlagError(
-            f"--resume: {flag_name('ema_decay', prefix)} {args.ema_decay:g} does not fit the "
-            f"saved run, which keeps {saved} of the energy's weights; resume with "
-            f"{flag_name('ema_decay', prefix)} {'above 0' if 'ema' in state else '0'}"
-        )
+    state = checked_output(args, out, prefix)
     if ctx.is_main and out.is_dir():
         remove_stale_temp_files(out, STATE_NAME)
     torch.manual_seed(args.seed)
@@ -390,6 +370,39 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext, prefix: str = "") -> dict:
                 if ctx.is_main:
                     save()
     return metrics
+
+
+def checked_output(args: EBMTrainArgs, out: Path, prefix: str = "") -> dict | None:
+    """Check the output directory before any work; returns the training state to resume
+    (None for a fresh run).
+
+    A fresh run must not replace a run without --overwrite (an energy's state or trained
+    energy, or in another --out a checkpoint of its own); a resumed one must fit the saved
+    run (architecture flags, and a moving average kept or not as before).
+    """
+    out_flag = "--out" if args.out else "--checkpoint"
+    flags.check_writable_directory(out, out_flag)
+    if not args.resume:
+        if not args.overwrite:
+            check_fresh_output(out, STATE_NAME, "ebm", out_flag)
+            other_model = args.out and out.resolve() != Path(args.checkpoint).resolve()
+            if other_model and (out / CONFIG_NAME).exists():  # its VAE would go too
+                raise FlagError(
+                    f"--out {out} already holds a checkpoint, which this run would replace "
+                    "with --checkpoint's VAE and a new energy: pass --overwrite to replace "
+                    "it, or choose another --out"
+                )
+        return None
+    check_resumable(out, STATE_NAME, "ebm", args, RESUME_FIELDS, prefix)
+    state = load_state(out / STATE_NAME)
+    if ("ema" in state) != (args.ema_decay > 0):
+        saved = "a moving average" if "ema" in state else "no moving average"
+        raise FlagError(
+            f"--resume: {flag_name('ema_decay', prefix)} {args.ema_decay:g} does not fit the "
+            f"saved run, which keeps {saved} of the energy's weights; resume with "
+            f"{flag_name('ema_decay', prefix)} {'above 0' if 'ema' in state else '0'}"
+        )
+    return state
 
 
 def load_positives(
