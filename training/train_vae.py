@@ -238,15 +238,7 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
     optimizer = torch.optim.Adamax(vae.parameters(), lr=args.lr)
     step, seconds_before, metrics = 0, 0.0, {}
     if state is not None:
-        with restoring(out / STATE_NAME):
-            load_state_strictly(
-                vae, state["model"], f"{out / STATE_NAME} holds another architecture"
-            )
-            optimizer.load_state_dict(state["optimizer"])
-            set_rng_state(state["rng"])
-            step = int(state["step"])
-            seconds_before = float(state.get("seconds", 0.0))  # wall time of earlier runs
-            metrics = dict(state.get("metrics", {}))  # the last evaluation's
+        step, seconds_before, metrics = restore(out / STATE_NAME, state, vae, optimizer)
         # The final save's state holds the final metrics too; they stand only if this run
         # ends at the same step (more --steps measure them again, at the new end).
         final = bool(state.get("final", False)) and step >= args.steps
@@ -312,6 +304,19 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
         metrics["train_seconds"] = time.time() - started
         _save(out, model, optimizer, step, args, metrics, metrics["train_seconds"], final=True)
     return metrics
+
+
+def restore(
+    path: Path, state: dict, vae: VAE, optimizer: torch.optim.Optimizer
+) -> tuple[int, float, dict]:
+    """Load the training state read from ``path`` into the run; returns (step, seconds of
+    earlier runs, the last evaluation's metrics). A state of another architecture is a
+    CheckpointError naming the file."""
+    with restoring(path):
+        load_state_strictly(vae, state["model"], f"{path} holds another architecture")
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        return int(state["step"]), float(state.get("seconds", 0.0)), dict(state.get("metrics", {}))
 
 
 def _finished_metrics(out: Path, step: int) -> dict | None:
