@@ -706,3 +706,18 @@ def test_an_energy_into_another_models_folder_is_refused_until_overwrite(
     assert_refused(argv, f"--out {other} already holds a checkpoint", capsys, caplog)
     assert file_digests(other) == before
     assert run_cli([*argv, "--overwrite"], capsys, caplog)[0] == 0
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line(monkeypatch, capsys, caplog):
+    """Ctrl-C while the parser imported the commands' modules (a second or so) was
+    Python's traceback."""
+    import training.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    code, text = run_cli(["train", "vae", "--steps", "1"], capsys, caplog)
+    assert code == 130 and text.strip() == (
+        "vaebm: interrupted before the command started; nothing was done"
+    )

@@ -410,6 +410,15 @@ def serve(argv: list[str], verbose: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except KeyboardInterrupt:  # while the commands' modules load, before any work
+        print("vaebm: interrupted before the command started; nothing was done", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """The command line's work; Ctrl-C during a command is answered by the command."""
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose, command = split_global_flags(argv)
     if command[:1] == ["serve"]:
