@@ -75,6 +75,21 @@ def zero_energy_checkpoint(tmp_path: Path) -> Path:
     return directory
 
 
+def test_calibrate_removes_the_temp_files_a_killed_calibration_left(tiny_checkpoint, tmp_path):
+    """A calibration killed while saving left its temp files for good."""
+    directory = fresh_copy(tiny_checkpoint, tmp_path)
+    stale = [
+        directory / ".calibration.json.k1ll3d.tmp",
+        directory / ".calibration_report.md.k1ll3d.tmp",
+        directory / "..calibration_scores.npz.k1ll3d.tmp",
+    ]
+    other = directory / ".notes.txt.k1ll3d.tmp"  # not calibrate's: left alone
+    for path in [*stale, other]:
+        path.write_bytes(b"partial")
+    calibrate(calibrate_args(directory))
+    assert not any(path.exists() for path in stale) and other.exists()
+
+
 def test_calibrate_without_a_fittable_typicality_falls_back(tmp_path, caplog):
     """A constant energy leaves typicality_nats unfittable; its kin on vaebm_bpd (which
     still varies with the likelihood) is fitted, each fitted score on its own."""

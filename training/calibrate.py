@@ -29,11 +29,13 @@ from model.typicality import TYPICALITY_SCORES, TypicalityReference
 from training.data import ImageShape, load_dataset
 from training.flags import checked
 from training.plots import score_histograms
+from training.runtime import remove_stale_temp_files
 from training.scoring import score_dataset, scores_key
 
 log = logging.getLogger(__name__)
 REPORT_NAME, HISTOGRAMS_NAME = "calibration_report.md", "calibration_histograms.png"
 OUTPUT_NAMES = (REPORT_NAME, HISTOGRAMS_NAME, CALIBRATION_NAME)  # written in this order
+SCORE_CACHE_NAME = ".calibration_scores.npz"  # scores so far: a killed run resumes
 
 
 @dataclass
@@ -193,6 +195,7 @@ def calibrate(args: CalibrateArgs) -> Calibration:
     model, info = load_checkpoint(directory, select_device(args.device))
     flags.check_writable_directory(directory, "--checkpoint")
     flags.check_output_files(directory, OUTPUT_NAMES, "--checkpoint")
+    remove_stale_temp_files(directory, (*OUTPUT_NAMES, SCORE_CACHE_NAME))
     images = load_dataset(args.data, ImageShape(*model.vae.image_shape[:2]))
     cal_idx, holdout_idx = split_for_calibration(args, len(images))
     n, n_holdout = len(cal_idx), len(holdout_idx)
@@ -202,7 +205,7 @@ def calibrate(args: CalibrateArgs) -> Calibration:
         iwae_k=args.iwae_k,
         seed=args.seed,
         batch_size=args.batch_size,
-        cache=directory / ".calibration_scores.npz",
+        cache=directory / SCORE_CACHE_NAME,
         key=scores_key(info.weights_sha256, images, args.iwae_k, args.seed),
         desc="calibrating",
     )
@@ -251,7 +254,7 @@ def calibrate(args: CalibrateArgs) -> Calibration:
     # plot leaves the previous calibration (the one the service loads) as it was.
     write_report(directory, calibration, scores, cal_idx, holdout_idx)
     save_calibration(directory, calibration)
-    (directory / ".calibration_scores.npz").unlink(missing_ok=True)
+    (directory / SCORE_CACHE_NAME).unlink(missing_ok=True)
     return calibration
 
 

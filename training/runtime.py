@@ -192,14 +192,16 @@ def _feed(digest: Any, value: Any) -> None:
         digest.update(f"{type(value).__name__}:{value!r};".encode())
 
 
-def remove_stale_temp_files(out: Path, state_name: str) -> None:
-    """Delete the temp files a run killed while saving left in ``out`` (those of the
-    files training writes: config.json, the weights, ``state_name``); atomic writes keep
-    them from being read, but nothing else would ever remove them. Call before the run
-    writes anything: a temp file of this run's own saves would be in use."""
-    patterns = (f".{CONFIG_NAME}.*.tmp", ".weights-*.safetensors.*.tmp", f".{state_name}.*.tmp")
-    for pattern in patterns:
-        for stale in out.glob(pattern):
+CHECKPOINT_FILES = (CONFIG_NAME, "weights-*.safetensors")  # what training publishes
+
+
+def remove_stale_temp_files(out: Path, names: Sequence[str]) -> None:
+    """Delete the temp files a command killed while saving left in ``out``, those of the
+    files ``names`` (glob patterns allowed) that it writes; atomic writes keep them from
+    being read, but nothing else would ever remove them. Call before the command writes
+    anything: a temp file of its own saves would be in use."""
+    for name in names:
+        for stale in out.glob(f".{name}.*.tmp"):
             log.info("removing %s, left by a run killed while saving", stale)
             stale.unlink(missing_ok=True)
 

@@ -34,6 +34,7 @@ from training.corruptions import corrupt_images, corruption_ranking_loss, with_s
 from training.data import ImageShape, checkpoint_split, load_dataset
 from training.flags import FlagError, checked, flag_name
 from training.runtime import (
+    CHECKPOINT_FILES,
     DistContext,
     DivergenceError,
     all_reduce_mean,
@@ -258,7 +259,7 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext, prefix: str = "") -> dict:
     out = Path(args.out or args.checkpoint)
     state = checked_output(args, out, prefix)
     if ctx.is_main and out.is_dir():
-        remove_stale_temp_files(out, STATE_NAME)
+        remove_stale_temp_files(out, (*CHECKPOINT_FILES, STATE_NAME))
     torch.manual_seed(args.seed)
     # Resuming, the in-progress checkpoint holds the same frozen VAE; a run killed between
     # its first training state and its first checkpoint left none in --out: then the VAE

@@ -30,6 +30,7 @@ from model.vaebm import VAEBM
 from training.data import ImageShape, load_dataset, split
 from training.flags import checked
 from training.runtime import (
+    CHECKPOINT_FILES,
     DistContext,
     DivergenceError,
     all_reduce_mean,
@@ -221,7 +222,7 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
         check_fresh_output(out, STATE_NAME, "vae", "--out")
     state = load_state(out / STATE_NAME) if args.resume else None
     if ctx.is_main and out.is_dir():
-        remove_stale_temp_files(out, STATE_NAME)
+        remove_stale_temp_files(out, (*CHECKPOINT_FILES, STATE_NAME))
         if state is None and (out / EBM_STATE_NAME).is_file():
             # An energy's state trained against the VAE this run replaces: it could only
             # be resumed against the wrong VAE, and would make `train ebm` ask for
