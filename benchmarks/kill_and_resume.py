@@ -49,7 +49,7 @@ import torch
 from safetensors.torch import load_file
 
 from model.checkpoint import CONFIG_NAME, describe_exception, load_checkpoint, read_config
-from training.runtime import load_state
+from training.runtime import STATE_NAMES, load_state
 
 VAEBM = str(Path(sys.executable).with_name("vaebm"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -70,7 +70,7 @@ class Stage:
 
     @property
     def state_name(self) -> str:
-        return f"train_state_{self.name}.pt"
+        return STATE_NAMES[self.name]
 
     def command(self) -> str:
         return " ".join(["vaebm", *self.argv(Path("OUT"))[1:]])

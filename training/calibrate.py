@@ -93,7 +93,7 @@ def split_for_calibration(args: CalibrateArgs, n_images: int) -> tuple[np.ndarra
     --target-fpr and for a fitted --default-score before any image is scored (the
     scoring takes minutes on a CPU)."""
     order = np.random.default_rng(args.seed).permutation(n_images)
-    n_holdout = round(n_images * args.holdout_fraction)
+    n_holdout = holdout_count(n_images, args.holdout_fraction)
     cal_idx, holdout_idx = order[n_holdout:], order[:n_holdout]
     n = len(cal_idx)
     given = f"--data {args.data} yields {n_images} images"
@@ -177,11 +177,17 @@ def images_needed(n_calibration: int, holdout_fraction: float) -> int | None:
         math.floor(0.5 / holdout_fraction) - 2,
     )
     while not (
-        total - round(total * holdout_fraction) >= n_calibration
-        and round(total * holdout_fraction) >= 1
+        total - holdout_count(total, holdout_fraction) >= n_calibration
+        and holdout_count(total, holdout_fraction) >= 1
     ):
         total += 1
     return total
+
+
+def holdout_count(n_images: int, holdout_fraction: float) -> int:
+    """How many of ``n_images`` are kept aside to measure the FPR achieved (the rest
+    calibrate): the split's one rule, which the advice on how many to give follows."""
+    return round(n_images * holdout_fraction)
 
 
 def calibrate(args: CalibrateArgs) -> Calibration:

@@ -65,7 +65,12 @@ def _stage_args(ns: argparse.Namespace) -> tuple[Any, Any]:
 
 def _train(ns: argparse.Namespace) -> int:
     from training import train_ebm, train_vae
-    from training.runtime import DivergenceError, setup_distributed, teardown_distributed
+    from training.runtime import (
+        STATE_NAMES,
+        DivergenceError,
+        setup_distributed,
+        teardown_distributed,
+    )
 
     vae_args, ebm_args = _stage_args(ns)
     prefix = "ebm_" if ns.stage == "all" else ""
@@ -92,7 +97,6 @@ def _train(ns: argparse.Namespace) -> int:
         return 3
     except KeyboardInterrupt:
         vae_done = ns.stage == "all" and stage == "ebm"
-        module = train_vae if stage == "vae" else train_ebm
         message = interrupted_training(
             stage,
             out,
@@ -100,7 +104,7 @@ def _train(ns: argparse.Namespace) -> int:
             vae_done=vae_done,
             resumed=resumed,
             overwrite=ns.overwrite,
-            state_name=module.STATE_NAME,
+            state_name=STATE_NAMES[stage],
         )
         log.error("%s", message)
         return EXIT_INTERRUPTED
@@ -144,13 +148,14 @@ def interrupted_training(
     which --resume replaces. ``state_name``: the stage's training state, which a run
     killed before its first checkpoint may have written already.
     """
-    from model.checkpoint import CheckpointError, read_config
+    from model.checkpoint import CONFIG_NAME
+    from training.runtime import completed_steps
 
     try:
-        fresh = resumed or (out / "config.json").stat().st_mtime >= since
-        step = read_config(out)["training"].get(stage, {}).get("completed_steps") if fresh else None
-    except (OSError, CheckpointError, KeyError):
-        step = None
+        fresh = resumed or (out / CONFIG_NAME).stat().st_mtime >= since
+    except OSError:  # no checkpoint
+        fresh = False
+    step = completed_steps(out, stage) if fresh else None
     name = stage.upper()
     resume = "with --resume" + (" in place of --overwrite" if overwrite else "")
     state = out / state_name

@@ -193,6 +193,9 @@ def _feed(digest: Any, value: Any) -> None:
 
 
 CHECKPOINT_FILES = (CONFIG_NAME, "weights-*.safetensors")  # what training publishes
+# Each stage's resumable training state, beside the checkpoint (both stages share a folder
+# by default).
+STATE_NAMES = {"vae": "train_state_vae.pt", "ebm": "train_state_ebm.pt"}
 
 
 def remove_stale_temp_files(out: Path, names: Sequence[str]) -> None:

@@ -35,6 +35,7 @@ from training.data import ImageShape, checkpoint_split, load_dataset
 from training.flags import FlagError, checked, flag_name
 from training.runtime import (
     CHECKPOINT_FILES,
+    STATE_NAMES,
     DistContext,
     DivergenceError,
     all_reduce_mean,
@@ -60,7 +61,7 @@ from training.runtime import (
 )
 
 log = logging.getLogger(__name__)
-STATE_NAME = "train_state_ebm.pt"
+STATE_NAME = STATE_NAMES["ebm"]
 VAE_DIGEST = "vae_sha256"  # the entry of the state that names the frozen VAE
 CD_INPUTS = ("sample", "mean")
 CORRUPTION_PAIRS = ("own", "all")
@@ -299,7 +300,8 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext, prefix: str = "") -> dict:
     started = time.time() - seconds_before
 
     def save() -> None:  # the state at the current step, then its checkpoint
-        _save(out, model, published, optimizer, buffer, ema, step, args, info, metrics, started)
+        save_args = (model, published, optimizer, buffer, ema, step, args, info, metrics)
+        _save(out, *save_args, started, vae_digest)
 
     if step >= args.steps:
         # A run killed between its last training state and its last checkpoint: publish.
@@ -516,6 +518,7 @@ def _save(
     info: CheckpointInfo,
     metrics,
     started,
+    vae_digest: str,
 ):
     """Write the resumable state first, then the published checkpoint (``published``:
     the model whose energy is the moving average when there is one)."""
@@ -526,7 +529,7 @@ def _save(
         "step": step,
         "seconds": time.time() - started,
         "metrics": dict(metrics),
-        VAE_DIGEST: state_digest(model.vae.state_dict()),  # the frozen VAE it trains against
+        VAE_DIGEST: vae_digest,  # the frozen VAE it trains against
     }
     if buffer is not None:
         state["buffer"] = buffer.state_dict()

@@ -31,6 +31,7 @@ from training.data import ImageShape, load_dataset, split
 from training.flags import checked
 from training.runtime import (
     CHECKPOINT_FILES,
+    STATE_NAMES,
     DistContext,
     DivergenceError,
     all_reduce_mean,
@@ -54,8 +55,7 @@ from training.runtime import (
 )
 
 log = logging.getLogger(__name__)
-STATE_NAME = "train_state_vae.pt"
-EBM_STATE_NAME = "train_state_ebm.pt"  # stage 2's, in the same folder by default
+STATE_NAME = STATE_NAMES["vae"]
 FINAL_METRICS = ("val_iwae_bpd", "train_seconds")  # measured once, after the last step
 # Settings a resumed run must share with the saved one: the first four shape the saved
 # weights, the last three decide the train/validation split (changed, validation images
@@ -223,11 +223,11 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
     state = load_state(out / STATE_NAME) if args.resume else None
     if ctx.is_main and out.is_dir():
         remove_stale_temp_files(out, (*CHECKPOINT_FILES, STATE_NAME))
-        if state is None and (out / EBM_STATE_NAME).is_file():
+        if state is None and (out / STATE_NAMES["ebm"]).is_file():
             # An energy's state trained against the VAE this run replaces: it could only
             # be resumed against the wrong VAE, and would make `train ebm` ask for
             # --overwrite.
-            stale = out / EBM_STATE_NAME
+            stale = out / STATE_NAMES["ebm"]
             log.info("removing %s: its energy was trained against the replaced VAE", stale)
             stale.unlink()
     torch.manual_seed(args.seed)
