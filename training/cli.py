@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from training.arguments import add_dataclass_arguments, dataclass_from_args, field_descriptions
+from training.entry import EXIT_INTERRUPTED, INTERRUPTED_BEFORE_START
 from training.flags import FlagError, argparse_type
 
 log = logging.getLogger("vaebm")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a process Ctrl-C ended
 GLOBAL_FLAGS = ("-v", "--verbose")
 SAMPLE_STEPS = 16  # `vaebm sample`'s Langevin steps when --steps is not given
 
@@ -418,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(argv)
     except KeyboardInterrupt:  # while the commands' modules load, before any work
-        print("vaebm: interrupted before the command started; nothing was done", file=sys.stderr)
+        print(INTERRUPTED_BEFORE_START, file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
