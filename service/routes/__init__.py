@@ -1,6 +1,7 @@
 """Every router of the service, gathered in :data:`api_router`.
 
-``health`` is public; the others require an API key when keys are configured. Every GET
+``health`` is public; the others require an API key when keys are configured, and refuse
+query parameters they do not take. Every GET
 route also answers HEAD (HTTP asks it of servers, and load balancers probe with it).
 """
 
@@ -10,6 +11,7 @@ from fastapi import APIRouter, Depends
 from fastapi.routing import APIRoute
 
 from service.auth import require_api_key
+from service.query import reject_unknown_query_parameters
 from service.routes import evaluate, health, model, sample, score
 
 
@@ -38,7 +40,9 @@ for _module in (health, score, evaluate, sample, model):
 api_router = APIRouter()
 api_router.include_router(health.router)
 
-protected = APIRouter(dependencies=[Depends(require_api_key)])
+protected = APIRouter(
+    dependencies=[Depends(require_api_key), Depends(reject_unknown_query_parameters)]
+)
 protected.include_router(score.router)
 protected.include_router(evaluate.router)
 protected.include_router(sample.router)
