@@ -5,6 +5,7 @@
 set -euo pipefail
 data=${1:-../shared/datasets/fashion-mnist/train-images-idx3-ubyte.gz@0:20000}
 steps=${2:-600}
+mkdir -p runs  # the logs below go there before vaebm creates it (runs/ is not in git)
 pids=()
 for groups in "8" "8 4"; do
   name="latent-${groups// /-}"

@@ -5,6 +5,7 @@
 set -euo pipefail
 shared=${1:-../shared/datasets}
 source "$(dirname "$0")/shipped_ebm_flags.sh"
+mkdir -p runs  # the logs below go there before vaebm creates it (runs/ is not in git)
 pids=()
 for name in fashion-mnist mnist; do
   (
