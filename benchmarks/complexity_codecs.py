@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from command_line import this_command
 
 from model.checkpoint import load_checkpoint
 from model.complexity import LOSSLESS_CODECS, encoded_bits_per_dim
@@ -105,7 +106,7 @@ def main() -> None:
         extra = f"  ({result['ms_per_image']:.2f} ms/image)" if "ms_per_image" in result else ""
         print(f"{row:48s} {cells}{extra}")
     report = {"sets": sets, "iwae_k": args.iwae_k, "results": table}
-    report["command"] = "python benchmarks/complexity_codecs.py --shared " + args.shared
+    report["command"] = this_command()
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from command_line import this_command
 from ood_benchmark import sets_for
 
 from model.checkpoint import atomic_write_json, load_checkpoint
@@ -94,7 +95,7 @@ def main() -> None:
         .round(1)
         .tolist(),
         "by_level": rows,
-        "command": f"python benchmarks/constant_levels.py --run {args.run} --name {args.name}",
+        "command": this_command(),
     }
     entries = json.loads(args.out.read_text()) if args.out.exists() else {}
     entries[args.name] = entry

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from command_line import this_command
 from timing import wall_seconds
 
 from model.calibration_file import load_calibration
@@ -120,7 +121,7 @@ def main() -> None:
     images = load_dataset(args.data, shape)
     started = time.perf_counter()
     results = {
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": this_command(),
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0),
         "checkpoint": str(args.checkpoint),

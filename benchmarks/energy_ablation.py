@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
+from command_line import this_command
 from ood_benchmark import sets_for
 
 from model.checkpoint import atomic_write_json, load_checkpoint
@@ -77,7 +77,7 @@ def main() -> None:
         "ebm_args": info.training.get("ebm", {}),
         "ebm_metrics": info.metrics.get("ebm", {}),
         "weights_sha256": info.weights_sha256,
-        "command": "python benchmarks/energy_ablation.py " + shlex.join(sys.argv[1:]),
+        "command": this_command(),
     }
     atomic_write_json(args.out, entries)
     for name, per_score in auroc.items():

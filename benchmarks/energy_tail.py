@@ -24,8 +24,9 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from command_line import this_command
 from energy_weight import data_energies
-from named_runs import measure_runs, run_command
+from named_runs import measure_runs
 from ood_benchmark import sets_for
 
 from model.checkpoint import CheckpointInfo
@@ -94,10 +95,8 @@ def main() -> None:
         trained = data_energies(model, trained[: args.train_images], batch=250)
         return energy_tail(inside, noise, args.top, trained)
 
-    options = [f"--top={args.top}", f"--train-images={args.train_images}"]
-    command = run_command("energy_tail.py", args.run, options)
     measure_runs(
-        args.run, measure, out=args.out, command=command, device=select_device(args.device)
+        args.run, measure, out=args.out, command=this_command(), device=select_device(args.device)
     )
 
 

@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from command_line import this_command
 from ood_benchmark import sets_for
 
 from model.checkpoint import atomic_write_json, load_checkpoint
@@ -169,7 +168,7 @@ def main() -> None:
         "ess_at_full_weight": round(tilted_mean(e_model, 1.0)[1], 3),
         "vae_samples": args.samples,
         "weights_sha256": info.weights_sha256,
-        "command": "python benchmarks/energy_weight.py " + shlex.join(sys.argv[1:]),
+        "command": this_command(),
     }
     atomic_write_json(args.out, entries)
     print(json.dumps(entries[info.name], indent=1))

@@ -19,7 +19,8 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from named_runs import measure_runs, run_command
+from command_line import this_command
+from named_runs import measure_runs
 from ood_benchmark import sets_for
 
 from model.checkpoint import CheckpointInfo
@@ -68,9 +69,8 @@ def main() -> None:
         )
         return {k: flip_cost(plain[k], flipped[k]) for k in COMPARED}
 
-    command = run_command("flip_cost.py", args.run, [f"--n={args.n}"])
     measure_runs(
-        args.run, measure, out=args.out, command=command, device=select_device(args.device)
+        args.run, measure, out=args.out, command=this_command(), device=select_device(args.device)
     )
 
 

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from command_line import this_command
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -92,7 +94,7 @@ def main() -> None:
         "settings": {k: str(v) for k, v in settings.items()},
         "results": results,
         "throughput_ratio_fixed_over_one_pass": ratio,
-        "command": "python " + " ".join(["benchmarks/forward_memory.py", *sys.argv[1:]]),
+        "command": this_command(),
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -27,6 +27,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+from command_line import this_command
 from ood_benchmark import sets_for
 from PIL import Image
 
@@ -123,7 +124,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "joint-typicality.json")
     args = parser.parse_args()
     report = {
-        "command": "python benchmarks/joint_typicality.py --shared ../shared/datasets",
+        "command": this_command(),
         "models": {name: run_model(name, args) for name in args.models},
     }
     atomic_write_json(args.out, report)

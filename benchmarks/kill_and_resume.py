@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from command_line import this_command
 from safetensors.torch import load_file
 
 from model.checkpoint import CONFIG_NAME, describe_exception, load_checkpoint, read_config
@@ -448,10 +449,7 @@ def main() -> None:
             print(summary(stage.name, stages[stage.name]), flush=True)
 
     result = {
-        "command": "python benchmarks/kill_and_resume.py "
-        f"--kills {args.kills} --seed {args.seed} --vae-steps {args.vae_steps} "
-        f"--ebm-steps {args.ebm_steps} --checkpoint-every {args.checkpoint_every} "
-        f"--data {args.data}",
+        "command": this_command(),
         "torch": torch.__version__,
         "omp_num_threads": 1,
         "seconds": round(time.perf_counter() - started, 1),

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from command_line import this_command
 from http_load import (
     CpuWatch,
     LoadResult,
@@ -348,9 +349,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["passed"] = all(results["requirements"][k] for k in checks) and bool(
         results["requirements"]["sigterm_in_flight_complete"]
     )
-    results["command"] = "nice -n 19 python " + " ".join(
-        [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]
-    )
+    results["command"] = this_command()
     return results
 
 
@@ -397,7 +396,7 @@ def bursts(args: argparse.Namespace) -> dict[str, Any]:
         "server_errors_5xx": sum(s["server_errors_5xx"] for s in summaries),
         "transport_errors": sum(s["transport_errors"] for s in summaries),
         "requests_per_s": [s["requests_per_s"] for s in summaries],
-        "command": "nice -n 19 python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": this_command(),
     }
 
 

@@ -9,7 +9,6 @@ rewritten atomically after every run, so an interrupted comparison keeps what it
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,14 +25,6 @@ def parse_run(spec: str) -> tuple[str, str]:
     if not name or not directory:
         sys.exit(f"--run wants NAME=DIR, got {spec!r}")
     return name, directory
-
-
-def run_command(script: str, specs: Sequence[str], options: Sequence[str]) -> str:
-    """The command that reproduces a comparison: ``python benchmarks/SCRIPT --run=...``
-    for every spec, then the script's own ``options``."""
-    return f"python benchmarks/{script} " + shlex.join(
-        [f"--run={spec}" for spec in specs] + list(options)
-    )
 
 
 def measure_runs(

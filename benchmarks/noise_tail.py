@@ -19,6 +19,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from command_line import this_command
 from joint_typicality import statistics
 from ood_benchmark import sets_for
 
@@ -99,7 +100,7 @@ def main() -> None:
         },
         **{score: score_tail(tails[score], first_test_index=5000) for score in TAIL_SCORES},
         "weights_sha256": info.weights_sha256,
-        "command": "python benchmarks/noise_tail.py",
+        "command": this_command(),
     }
     atomic_write_json(args.out, report)
     print({k: v for k, v in report.items() if k.startswith("auroc")})

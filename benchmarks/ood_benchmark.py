@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from command_line import this_command
 from sklearn.decomposition import PCA
 from sklearn.ensemble import IsolationForest
 from sklearn.neighbors import NearestNeighbors
@@ -269,14 +270,8 @@ def main() -> None:
         out / "ood-benchmark-results.json",
         {"results": results, "default": default, "worst_pair_auroc": worst},
     )
-    command = "python benchmarks/ood_benchmark.py " + " ".join(
-        f"--{k.replace('_', '-')}"
-        + ("" if v is True else f" {' '.join(v) if isinstance(v, list) else v}")
-        for k, v in vars(args).items()
-        if v is not False
-    )
     atomic_write_bytes(
-        out / "ood-benchmarks.md", markdown(results, default, worst, command).encode()
+        out / "ood-benchmarks.md", markdown(results, default, worst, this_command()).encode()
     )
     log.info(
         "default decision score by this benchmark: %s (worst-pair AUROC %.4f)",

@@ -18,6 +18,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from command_line import this_command
+
 from service.runtime import load_runtime
 from service.settings import Settings
 
@@ -52,9 +54,7 @@ def main() -> None:
         times["whole_chain"].append(time.perf_counter() - started)
     best = {name: min(values) for name, values in times.items()}
     result = {
-        "command": "python benchmarks/sample_stepping.py "
-        f"--checkpoint {args.checkpoint} --device {args.device} --n {args.n} "
-        f"--steps {args.steps} --repeats {args.repeats}",
+        "command": this_command(),
         "device": str(runtime.device),
         "seconds": {name: [round(t, 4) for t in values] for name, values in times.items()},
         "best_seconds": {name: round(t, 4) for name, t in best.items()},

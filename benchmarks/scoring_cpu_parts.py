@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from command_line import this_command
 from timing import wall_seconds
 
 from model.calibration_file import load_calibration
@@ -60,7 +61,7 @@ def main() -> None:
     atomic_write_json(
         args.out,
         {
-            "command": "python benchmarks/scoring_cpu_parts.py",
+            "command": this_command(),
             "checkpoint": info.name,
             "data": args.data,
             "iwae_k": k,

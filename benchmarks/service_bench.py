@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+from command_line import this_command
 from fastapi import FastAPI, File, UploadFile
 from http_load import (
     CpuWatch,
@@ -325,9 +326,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if b != args.batch_size
     }
     results["ratios"] = ratios(results, args)
-    results["command"] = "nice -n 19 python " + " ".join(
-        [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]
-    )
+    results["command"] = this_command()
     return results
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from command_line import this_command
 from http_load import ServerProcess, checkpoint_summary, environment, png_images, uploads
 from service_bench import BARE_COMMAND, REPO, http_point
 
@@ -106,9 +107,7 @@ def main() -> None:
         point["server_cpu_ms_per_image"] = (
             1000 * point["cpu"]["server_cores"] / point["images_per_s"]
         )
-    results["command"] = "nice -n 19 python " + " ".join(
-        [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]
-    )
+    results["command"] = this_command()
     atomic_write_json(args.out, results)
     print(json.dumps(results["ratio_by_concurrency"], indent=2))
     for label, point in [

@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from command_line import this_command
 from timing import wall_seconds
 
 from model.calibration_file import load_calibration
@@ -64,7 +65,7 @@ def main() -> None:
     atomic_write_json(
         args.out,
         {
-            "command": "python benchmarks/typicality_cost.py",
+            "command": this_command(),
             "checkpoint": info.name,
             "reference_images": {n: r.n for n, r in calibration.typicality.items()},
             "iwae_k": args.iwae_k,

@@ -20,6 +20,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from command_line import this_command
 from ood_benchmark import sets_for
 
 from model.checkpoint import atomic_write_json, load_checkpoint
@@ -68,7 +69,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "vaebm-vs-iwae.json")
     args = parser.parse_args()
 
-    report = {"command": "python benchmarks/vaebm_vs_iwae.py", "n_boot": args.n_boot}
+    report = {"command": this_command(), "n_boot": args.n_boot}
     for name in args.models:
         model, info = load_checkpoint(Path(args.checkpoints) / name, select_device(args.device))
         shape = ImageShape(*model.vae.image_shape[:2])

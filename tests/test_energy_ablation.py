@@ -175,13 +175,6 @@ def test_parse_run_refuses_a_spec_without_name_and_directory(spec):
     assert named_runs.parse_run("a=b=c") == ("a", "b=c")
 
 
-def test_run_command_names_the_script_every_run_and_its_options():
-    command = named_runs.run_command("energy_tail.py", ["a=runs/a", "b=runs/b"], ["--top=5"])
-    assert command == "python benchmarks/energy_tail.py --run=a=runs/a --run=b=runs/b --top=5"
-    quoted = named_runs.run_command("flip_cost.py", ["a=dir with space"], ["--n=10"])
-    assert quoted == "python benchmarks/flip_cost.py '--run=a=dir with space' --n=10"
-
-
 def test_last_iterate_exports_the_state_energy_with_the_runs_vae(tiny_checkpoint, tmp_path):
     from model.checkpoint import load_checkpoint
     from training.runtime import save_state
