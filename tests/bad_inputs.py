@@ -332,10 +332,39 @@ def image_cases() -> list[BadInput]:
     ]  # fmt: skip
 
 
+def _request_case(
+    name: str,
+    what: str,
+    path: str,
+    body: bytes,
+    content_type: str | None,
+    status: int,
+    slug: str | None,
+    detail: str,
+    **extra: object,
+) -> BadInput:
+    """A whole request and its problem: ``slug`` names a problem type of the service's
+    own; None means Starlette's plain ``about:blank`` (a 400 of the parser or a 404)."""
+    return BadInput(
+        name=name,
+        what=what,
+        path=path,
+        body=body,
+        content_type=content_type,
+        expect_status=status,
+        expect_type=PROBLEM + slug if slug else ABOUT_BLANK,
+        expect_detail_prefix=detail,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
 def request_cases(limits: Limits) -> list[BadInput]:
     """Whole requests that are wrong: size, count, field, body type, JSON."""
     over = limits.max_upload_bytes + 1
     too_many = limits.max_batch_files + 1
+    png_part = ("file", "a.png", plain_png(), "image/png")
+    one_png = one_file("a.png", plain_png(), "image/png")
+    json_type = "application/json"
     sample_errors = [
         ("sample-n-zero", {"n": 0}, "body.n: Input should be greater than or equal to 1"),
         ("sample-n-negative", {"n": -5}, "body.n: Input should be greater than or equal to 1"),
@@ -352,208 +381,123 @@ def request_cases(limits: Limits) -> list[BadInput]:
         ("sample-misspelt-field", {"N": 2}, "body.N: Extra inputs are not permitted"),
     ]
     cases = [
-        BadInput(
-            name="body-over-byte-limit",
-            what=f"an upload of {over} bytes of file data (limit {limits.max_upload_bytes})",
-            path="/score",
-            body=one_file("big.png", b"\x00" * over, "image/png"),
-            content_type=MULTIPART,
-            expect_status=413,
-            expect_type=PROBLEM + "request-too-large",
-            expect_detail_prefix="the request declares ",
+        _request_case(
+            "body-over-byte-limit",
+            f"an upload of {over} bytes of file data (limit {limits.max_upload_bytes})",
+            "/score", one_file("big.png", b"\x00" * over, "image/png"), MULTIPART,
+            413, "request-too-large", "the request declares ",
         ),
-        BadInput(
-            name="too-many-files",
-            what=f"{too_many} valid PNGs to /score/batch (limit {limits.max_batch_files})",
-            path="/score/batch",
-            body=multipart(
+        _request_case(
+            "too-many-files",
+            f"{too_many} valid PNGs to /score/batch (limit {limits.max_batch_files})",
+            "/score/batch",
+            multipart(
                 [("files", f"{i}.png", plain_png(i % 256), "image/png") for i in range(too_many)]
             ),
-            content_type=MULTIPART,
-            expect_status=413,
-            expect_type=PROBLEM + "too-many-files",
-            expect_detail_prefix=f"{too_many} files in 'files', above the limit of ",
+            MULTIPART,
+            413, "too-many-files", f"{too_many} files in 'files', above the limit of ",
         ),
-        BadInput(
-            name="wrong-field-name",
-            what="a valid PNG in field 'image' instead of 'file'",
-            path="/score",
-            body=multipart([("image", "a.png", plain_png(), "image/png")]),
-            content_type=MULTIPART,
-            expect_status=422,
-            expect_type=PROBLEM + "validation-error",
-            expect_detail_prefix="body.file: Field required",
+        _request_case(
+            "wrong-field-name", "a valid PNG in field 'image' instead of 'file'",
+            "/score", multipart([("image", "a.png", plain_png(), "image/png")]), MULTIPART,
+            422, "validation-error", "body.file: Field required",
         ),
-        BadInput(
-            name="batch-wrong-field-name",
-            what="valid PNGs in field 'file' instead of 'files' to /score/batch",
-            path="/score/batch",
-            body=multipart([("file", "a.png", plain_png(), "image/png")]),
-            content_type=MULTIPART,
-            expect_status=422,
-            expect_type=PROBLEM + "validation-error",
-            expect_detail_prefix="body.files: Field required",
+        _request_case(
+            "batch-wrong-field-name",
+            "valid PNGs in field 'file' instead of 'files' to /score/batch",
+            "/score/batch", multipart([png_part]), MULTIPART,
+            422, "validation-error", "body.files: Field required",
         ),
-        BadInput(
-            name="field-without-filename",
-            what="the PNG bytes as a plain form field (no filename), not a file",
-            path="/score",
-            body=multipart([("file", None, b"not a file part", None)]),
-            content_type=MULTIPART,
-            expect_status=422,
-            expect_type=PROBLEM + "validation-error",
-            expect_detail_prefix="body.file: Value error, Expected UploadFile",
+        _request_case(
+            "field-without-filename",
+            "the PNG bytes as a plain form field (no filename), not a file",
+            "/score", multipart([("file", None, b"not a file part", None)]), MULTIPART,
+            422, "validation-error", "body.file: Value error, Expected UploadFile",
         ),
-        BadInput(
-            name="raw-png-body",
-            what="a PNG as the whole body (image/png), not multipart",
-            path="/score",
-            body=plain_png(),
-            content_type="image/png",
-            expect_status=415,
-            expect_type=PROBLEM + "unsupported-media-type",
-            expect_detail_prefix="send the request as multipart/form-data, got image/png",
+        _request_case(
+            "raw-png-body", "a PNG as the whole body (image/png), not multipart",
+            "/score", plain_png(), "image/png",
+            415, "unsupported-media-type", "send the request as multipart/form-data, got image/png",
         ),
-        BadInput(
-            name="json-body-to-score",
-            what="a JSON body to /score",
-            path="/score",
-            body=b'{"file": "aGVsbG8="}',
-            content_type="application/json",
-            expect_status=415,
-            expect_type=PROBLEM + "unsupported-media-type",
-            expect_detail_prefix="send the request as multipart/form-data, got application/json",
+        _request_case(
+            "json-body-to-score", "a JSON body to /score",
+            "/score", b'{"file": "aGVsbG8="}', json_type,
+            415, "unsupported-media-type",
+            "send the request as multipart/form-data, got application/json",
         ),
-        BadInput(
-            name="multipart-without-boundary",
-            what="Content-Type multipart/form-data with no boundary parameter",
-            path="/score",
-            body=one_file("a.png", plain_png(), "image/png"),
-            content_type="multipart/form-data",
-            expect_status=400,
-            expect_type=ABOUT_BLANK,
-            expect_detail_prefix="Missing boundary in multipart",
+        _request_case(
+            "multipart-without-boundary",
+            "Content-Type multipart/form-data with no boundary parameter",
+            "/score", one_png, "multipart/form-data",
+            400, None, "Missing boundary in multipart",
         ),
-        BadInput(
-            name="multipart-garbage",
-            what="a multipart Content-Type whose body is not multipart",
-            path="/score",
-            body=b"this is not a multipart body",
-            content_type=MULTIPART,
-            expect_status=400,
-            expect_type=ABOUT_BLANK,
-            expect_detail_prefix="Invalid multipart data",
+        _request_case(
+            "multipart-garbage", "a multipart Content-Type whose body is not multipart",
+            "/score", b"this is not a multipart body", MULTIPART,
+            400, None, "Invalid multipart data",
         ),
-        BadInput(
-            name="sample-malformed-json",
-            what="'{not json' to /sample",
-            path="/sample",
-            body=b"{not json",
-            content_type="application/json",
-            expect_status=422,
-            expect_type=PROBLEM + "validation-error",
-            expect_detail_prefix="body.1: JSON decode error",
+        _request_case(
+            "sample-malformed-json", "'{not json' to /sample",
+            "/sample", b"{not json", json_type,
+            422, "validation-error", "body.1: JSON decode error",
         ),
-        BadInput(
-            name="sample-invalid-utf8",
-            what="JSON with a byte that is not UTF-8 to /sample",
-            path="/sample",
-            body=b'{"n": "\xff"}',
-            content_type="application/json",
-            expect_status=400,
-            expect_type=ABOUT_BLANK,
-            expect_detail_prefix="There was an error parsing the body",
+        _request_case(
+            "sample-invalid-utf8", "JSON with a byte that is not UTF-8 to /sample",
+            "/sample", b'{"n": "\xff"}', json_type,
+            400, None, "There was an error parsing the body",
         ),
-        BadInput(
-            name="sample-huge-integer",
-            what="a 5000-digit integer (above Python's int parsing limit) to /sample",
-            path="/sample",
-            body=b'{"seed": ' + b"9" * 5000 + b"}",
-            content_type="application/json",
-            expect_status=400,
-            expect_type=ABOUT_BLANK,
-            expect_detail_prefix="There was an error parsing the body",
+        _request_case(
+            "sample-huge-integer",
+            "a 5000-digit integer (above Python's int parsing limit) to /sample",
+            "/sample", b'{"seed": ' + b"9" * 5000 + b"}", json_type,
+            400, None, "There was an error parsing the body",
         ),
-        BadInput(
-            name="sample-not-json-content-type",
-            what="a JSON text sent as text/plain to /sample",
-            path="/sample",
-            body=b'{"n": 1}',
-            content_type="text/plain",
-            expect_status=422,
-            expect_type=PROBLEM + "validation-error",
-            expect_detail_prefix="body: Input should be a valid dictionary",
+        _request_case(
+            "sample-not-json-content-type", "a JSON text sent as text/plain to /sample",
+            "/sample", b'{"n": 1}', "text/plain",
+            422, "validation-error", "body: Input should be a valid dictionary",
         ),
-    ]
-    png_part = ("file", "a.png", plain_png(), "image/png")
-    cases += [
-        BadInput(
-            name="two-file-parts",
-            what="two 'file' parts to /score (one image expected)",
-            path="/score",
-            body=multipart([png_part, png_part]),
-            content_type=MULTIPART,
-            expect_status=422,
-            expect_type=PROBLEM + "validation-error",
-            expect_detail_prefix="body.file: expected one value, got 2",
+        _request_case(
+            "two-file-parts", "two 'file' parts to /score (one image expected)",
+            "/score", multipart([png_part, png_part]), MULTIPART,
+            422, "validation-error", "body.file: expected one value, got 2",
         ),
-        BadInput(
-            name="multipart-mixed",
-            what="a valid multipart body sent as multipart/mixed",
-            path="/score",
-            body=one_file("a.png", plain_png(), "image/png"),
-            content_type=f"multipart/mixed; boundary={BOUNDARY}",
-            expect_status=415,
-            expect_type=PROBLEM + "unsupported-media-type",
-            expect_detail_prefix="send the request as multipart/form-data, got multipart/mixed",
+        _request_case(
+            "multipart-mixed", "a valid multipart body sent as multipart/mixed",
+            "/score", one_png, f"multipart/mixed; boundary={BOUNDARY}",
+            415, "unsupported-media-type",
+            "send the request as multipart/form-data, got multipart/mixed",
         ),
-        BadInput(
-            name="content-encoding-gzip",
-            what="Content-Encoding: gzip on a body that no route decompresses",
-            path="/score",
-            body=one_file("a.png", plain_png(), "image/png"),
-            content_type=MULTIPART,
+        _request_case(
+            "content-encoding-gzip", "Content-Encoding: gzip on a body that no route decompresses",
+            "/score", one_png, MULTIPART,
+            415, "unsupported-media-type", "Content-Encoding 'gzip' is not supported",
             extra_headers={"Content-Encoding": "gzip"},
-            expect_status=415,
-            expect_type=PROBLEM + "unsupported-media-type",
-            expect_detail_prefix="Content-Encoding 'gzip' is not supported",
         ),
-        BadInput(
-            name="trailing-slash",
-            what="/score/ (no redirect, whose Location would come from the Host header)",
-            path="/score/",
-            body=one_file("a.png", plain_png(), "image/png"),
-            content_type=MULTIPART,
-            expect_status=404,
-            expect_type=ABOUT_BLANK,
-            expect_detail_prefix="no route matches POST /score/",
+        _request_case(
+            "trailing-slash",
+            "/score/ (no redirect, whose Location would come from the Host header)",
+            "/score/", one_png, MULTIPART,
+            404, None, "no route matches POST /score/",
         ),
-        BadInput(
-            name="evaluate-empty-reference",
-            what="reference= (empty) to /evaluate",
-            path="/evaluate",
-            body=multipart(
+        _request_case(
+            "evaluate-empty-reference", "reference= (empty) to /evaluate",
+            "/evaluate",
+            multipart(
                 [("files", "a.png", plain_png(), "image/png"), ("reference", None, b"", None)]
             ),
-            content_type=MULTIPART,
-            expect_status=422,
-            expect_type=PROBLEM + "validation-error",
-            expect_detail_prefix="body.reference: must not be empty",
+            MULTIPART,
+            422, "validation-error", "body.reference: must not be empty",
         ),
-    ]
-    for name, payload, detail in sample_errors:
-        cases.append(
-            BadInput(
-                name=name,
-                what=f"{json.dumps(payload)} to /sample",
-                path="/sample",
-                body=json.dumps(payload).encode(),
-                content_type="application/json",
-                expect_status=422,
-                expect_type=PROBLEM + "validation-error",
-                expect_detail_prefix=detail,
-            )
+    ]  # fmt: skip
+    cases += [
+        _request_case(
+            name, f"{json.dumps(payload)} to /sample",
+            "/sample", json.dumps(payload).encode(), json_type,
+            422, "validation-error", detail,
         )
+        for name, payload, detail in sample_errors
+    ]  # fmt: skip
     return cases
 
 

@@ -96,8 +96,13 @@ def test_each_bad_input_gets_its_answer(client: TestClient, case: BadInput) -> N
 
 
 def test_batch_reports_each_bad_file_and_scores_the_good_ones(client: TestClient) -> None:
-    """The same files in one /score/batch: one result or problem per file, in order."""
-    files = [c for c in CASES if c.path == "/score" and c.files][: LIMITS.max_batch_files]
+    """The corpus's files in one /score/batch, bad and good ones in turn: one result or
+    problem per file, in order, and the good ones scored as /score scores them."""
+    image_cases = [c for c in CASES if c.path == "/score" and c.files]
+    bad = [c for c in image_cases if c.expect_status >= 400]
+    good = [c for c in image_cases if c.expect_status == 200]
+    files = [bad[0], good[0], bad[1], good[1]]
+    assert len(files) == LIMITS.max_batch_files
     uploads = []
     for case in files:
         ((name, data),) = case.files.items()
@@ -105,12 +110,25 @@ def test_batch_reports_each_bad_file_and_scores_the_good_ones(client: TestClient
         uploads.append(("files", (name, data, media)))
     response = client.post("/score/batch", files=uploads)
     assert response.status_code == 200, response.text
-    results = response.json()["results"]
+    body = response.json()
+    assert (body["count"], body["succeeded"], body["failed"]) == (4, 2, 2)
+    results = body["results"]
     assert [r["status"] for r in results] == [c.expect_status for c in files]
+    assert [r["filename"] for r in results] == [next(iter(c.files)) for c in files]
     for result, case in zip(results, files, strict=True):
         if case.expect_status >= 400:
             assert result["problem"]["type"] == case.expect_type
+            assert result["problem"]["detail"].startswith(case.expect_detail_prefix)
             assert result["result"] is None
+            continue
+        assert result["problem"] is None
+        image = result["result"]["image"]
+        for key, value in case.expect_image.items():
+            assert image[key] == value, (key, image)
+        for step in case.expect_conversion:
+            assert step in image["conversion"], image["conversion"]
+        alone = send(client, case).json()["scores"]
+        assert result["result"]["scores"] == pytest.approx(alone, rel=1e-5, abs=1e-5)
 
 
 def test_service_is_still_ready_and_never_answered_5xx(client: TestClient) -> None:

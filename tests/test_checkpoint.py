@@ -255,24 +255,22 @@ def test_missing_architecture_field(saved):
         load_checkpoint(directory)
 
 
-def test_weights_of_another_architecture_with_a_matching_hash(saved):
+def another_architectures_weights(path: Path) -> None:
+    other = tiny_model(channels=3)  # same names, other shapes
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
+
+
+@pytest.mark.parametrize(
+    "replace_weights",
+    [another_architectures_weights, lambda path: path.write_bytes(b"not a safetensors file")],
+    ids=["another-architecture", "garbage"],
+)
+def test_weights_that_do_not_fit_with_a_matching_hash(saved, replace_weights):
     """A consistent hash does not save weights that do not fit the architecture."""
     directory, _, _ = saved
     config = read_json(directory)
-    other = tiny_model(channels=3)  # same names, other shapes
     path = directory / config["weights_file"]
-    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
-    config["weights_sha256"] = sha256_file(path)
-    write_json(directory, config)
-    with pytest.raises(CheckpointError, match="does not match the architecture"):
-        load_checkpoint(directory)
-
-
-def test_garbage_weights_with_a_matching_hash(saved):
-    directory, _, _ = saved
-    config = read_json(directory)
-    path = directory / config["weights_file"]
-    path.write_bytes(b"not a safetensors file at all")
+    replace_weights(path)
     config["weights_sha256"] = sha256_file(path)
     write_json(directory, config)
     with pytest.raises(CheckpointError, match="does not match the architecture"):

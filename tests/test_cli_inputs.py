@@ -57,14 +57,6 @@ def assert_refused(argv: list, expected: str, capsys, caplog) -> str:
     return text
 
 
-@pytest.fixture(autouse=True)
-def keep_subnormal_floats():
-    """The commands pick the CPU, which flushes denormals for the whole process; later
-    tests (hypothesis) need them, so restore the default afterwards."""
-    yield
-    torch.set_flush_denormal(False)
-
-
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory, data) -> Path:
     """A 2-step tiny VAE run (checkpoint and training state); copy it before changing it."""

@@ -21,10 +21,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
-import sys
-import threading
+import textwrap
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,8 +38,8 @@ from service.runtime import StartupError
 from service.settings import Settings
 from tests.bad_inputs import MULTIPART, multipart, plain_png
 from tests.conftest import tiny_vaebm
-from tests.test_security import exchange
-from tests.test_service_startup import free_port, wait_ready
+from tests.test_security import Exchange, exchange
+from tests.test_service_startup import free_port, start_service, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,16 +180,7 @@ def test_start_up_failure_exits_3_and_is_never_ready(tiny_checkpoint: Path, tmp_
     path = checkpoint / "calibration.json"
     path.write_bytes(path.read_bytes()[:150])
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "VAEBM_LOG_JSON": "1"}
-    command = [sys.executable, "-m", "service", "--port", str(port), "--device", "cpu"]
-    process = subprocess.Popen(
-        [*command, "--checkpoint", str(checkpoint)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_service(checkpoint, port, {"VAEBM_LOG_JSON": "1"})
     ready_answers = []
     try:
         deadline = time.monotonic() + 120
@@ -290,36 +282,60 @@ def test_service_serves_the_previous_checkpoint_after_a_failed_save(
 # ---------------------------------------------------------------------------------------------
 
 
-def test_sigterm_with_many_requests_in_flight_answers_them_all(tiny_checkpoint: Path) -> None:
-    """16 requests in flight (a long /sample holding the model thread, /score and
-    /score/batch queued behind it) when SIGTERM arrives: every one gets its 200, then the
-    server exits 0."""
+# `python -m service` whose first Langevin step waits for a gate file to appear: a model
+# step as slow as the test needs, holding the one model thread while requests queue for
+# it, with no guess at how fast the machine is.
+GATED_SERVICE = textwrap.dedent(
+    """
+    import os, pathlib, runpy, time
+    import model.vaebm
+
+    gate = pathlib.Path(os.environ["GATED_SERVICE_GATE"])
+    real_langevin = model.vaebm.VAEBM.langevin
+
+    def gated_langevin(self, *args, **kwargs):
+        if not gate.exists():
+            gate.with_name(gate.name + ".reached").touch()
+            while not gate.exists():
+                time.sleep(0.01)
+        return real_langevin(self, *args, **kwargs)
+
+    model.vaebm.VAEBM.langevin = gated_langevin
+    runpy.run_module("service", run_name="__main__", alter_sys=True)
+    """
+)
+
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen, what: str) -> None:
+    """Poll ``condition`` until it holds; fail if the server exits or 120 s pass first."""
+    deadline = time.monotonic() + 120
+    while not condition():
+        assert process.poll() is None, f"the server exited while waiting for {what}"
+        assert time.monotonic() < deadline, f"no {what} in 120 s"
+        time.sleep(0.01)
+
+
+def test_sigterm_with_many_requests_in_flight_answers_them_all(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """16 requests in flight when SIGTERM arrives (a /sample whose first step holds the
+    model thread until after the signal, /score and /score/batch queued behind it):
+    every one gets its 200, answered after the shutdown began, then the server exits 0."""
+    script = tmp_path / "gated_service.py"
+    script.write_text(GATED_SERVICE)
+    gate = tmp_path / "gate"
+    reached = tmp_path / "gate.reached"
+    log = tmp_path / "stderr.log"
     port = free_port()
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO),
-        "VAEBM_SAMPLE_MAX_STEPS": "1000",
-        "VAEBM_WARMUP": "false",
-    }
-    command = [sys.executable, "-m", "service", "--port", str(port), "--device", "cpu"]
-    process = subprocess.Popen(
-        [*command, "--checkpoint", str(tiny_checkpoint)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    settings = {"VAEBM_WARMUP": "false", "VAEBM_LOG_JSON": "1", "GATED_SERVICE_GATE": str(gate)}
+    with log.open("w") as stderr:
+        process = start_service(tiny_checkpoint, port, settings, stderr, script)
     image = plain_png(77)
     score_body = multipart([("file", "a.png", image, "image/png")])
     batch_body = multipart(
         [("files", f"{i}.png", plain_png(i * 40), "image/png") for i in range(4)]
     )
-    # About 6 s of one idle core for the tiny model (300 steps took 1.9 s, too close to
-    # the 2 s this test waits before SIGTERM on a fast machine), so the model thread is
-    # still busy when the signal comes however fast the machine.
-    sample_body = json.dumps({"n": 8, "steps": 1000, "seed": 3}).encode()
+    sample_body = json.dumps({"n": 8, "steps": 2, "seed": 3}).encode()
 
     def raw(path: str, content_type: str, body: bytes) -> bytes:
         return (
@@ -327,33 +343,47 @@ def test_sigterm_with_many_requests_in_flight_answers_them_all(tiny_checkpoint: 
             f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
         ).encode() + body
 
+    def sent(request: bytes) -> socket.socket:
+        """A connection that has sent the whole request; its answer is read later."""
+        connection = socket.create_connection(("127.0.0.1", port), timeout=120)
+        connection.sendall(request)
+        return connection
+
+    def statuses_of(connection: socket.socket) -> list[int]:
+        received = b""
+        with connection:
+            while chunk := connection.recv(65536):
+                received += chunk
+        return Exchange(received, closed_by_server=True).statuses
+
     requests = [raw("/sample", "application/json", sample_body)]
     requests += [raw("/score", MULTIPART, score_body)] * 10
     requests += [raw("/score/batch", MULTIPART, batch_body)] * 5
-    statuses: dict[int, list[int]] = {}
-
-    def send(i: int, request: bytes) -> None:
-        statuses[i] = exchange(port, request, timeout=120).statuses
-
     try:
         wait_ready(f"http://127.0.0.1:{port}", process)
-        threads = [threading.Thread(target=send, args=(0, requests[0]))]
-        threads[0].start()
-        time.sleep(0.5)  # the sample has the model thread; the rest queue behind it
-        for i, request in enumerate(requests[1:], start=1):
-            threads.append(threading.Thread(target=send, args=(i, request)))
-            threads[-1].start()
-        time.sleep(1.5)  # every request sent and accepted, none answered yet
-        answered_before = [i for i, s in statuses.items() if s]
+        connections = [sent(requests[0])]
+        wait_for(reached.exists, process, "sample holding the model thread")
+        connections += [sent(request) for request in requests[1:]]
+        # Answered on a later connection: uvicorn has accepted and read every request
+        # sent before it, and none of them can be answered while the model thread waits.
+        probe = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        assert exchange(port, probe).statuses == [200]
         process.send_signal(signal.SIGTERM)
-        for thread in threads:
-            thread.join(timeout=120)
-        _, stderr = process.communicate(timeout=120)
+        wait_for(lambda: "Shutting down" in log.read_text(), process, "shutdown")
+        gate.touch()
+        statuses = [statuses_of(connection) for connection in connections]
+        process.wait(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
-            process.communicate()
-    assert len(answered_before) < len(requests)  # SIGTERM did come with requests in flight
-    assert [statuses[i] for i in range(len(requests))] == [[200]] * len(requests), stderr[-3000:]
-    assert process.returncode == 0, stderr[-3000:]
-    assert "shut down cleanly" in stderr
+            process.wait()
+    text = log.read_text()
+    assert statuses == [[200]] * len(requests), text[-3000:]
+    assert process.returncode == 0, text[-3000:]
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    shutdown_at = next(i for i, line in enumerate(lines) if line["message"] == "Shutting down")
+    answered_after = Counter(
+        (line["route"], line["status"]) for line in lines[shutdown_at:] if "route" in line
+    )
+    assert answered_after == {("/sample", 200): 1, ("/score", 200): 10, ("/score/batch", 200): 5}
+    assert lines[-1]["message"] == "shut down cleanly"

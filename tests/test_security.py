@@ -13,11 +13,9 @@ import hmac
 import io
 import json
 import logging
-import os
 import re
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from PIL import Image
 from service.app import create_app
 from service.settings import Settings
 from tests.bad_inputs import multipart, pickle_payload
-from tests.test_service_startup import free_port, wait_ready
+from tests.test_service_startup import free_port, start_service, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "right-key-0123456789"
@@ -216,25 +214,14 @@ class Server:
 def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "stderr.log"
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO),
+    settings = {
         "VAEBM_API_KEYS": f"{KEY},{OTHER_KEY}",
         "VAEBM_MAX_UPLOAD_BYTES": str(LIMIT),
         "VAEBM_LOG_LEVEL": "DEBUG",  # the most verbose the service gets
         "VAEBM_WARMUP": "false",
     }
-    command = [sys.executable, "-m", "service", "--port", str(port), "--device", "cpu"]
     with log.open("w") as stderr:
-        process = subprocess.Popen(
-            [*command, "--checkpoint", str(tiny_checkpoint)],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            text=True,
-        )
+        process = start_service(tiny_checkpoint, port, settings, stderr)
     try:
         process.stderr = log.open()  # wait_ready reads it when the server dies early
         wait_ready(f"http://127.0.0.1:{port}", process)

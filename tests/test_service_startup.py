@@ -250,6 +250,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_service(
+    checkpoint: Path,
+    port: int,
+    settings: dict[str, str],
+    stderr: object = subprocess.PIPE,
+    script: Path | None = None,
+) -> subprocess.Popen:
+    """A real ``python -m service`` (or ``script``, which runs it) on ``port``, on the CPU
+    and one thread (the machine is shared), with ``settings`` as VAEBM_* variables."""
+    entry = [str(script)] if script else ["-m", "service"]
+    command = [sys.executable, *entry, "--port", str(port), "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **settings}
+    return subprocess.Popen(
+        [*command, "--checkpoint", str(checkpoint)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
+    )
+
+
 def wait_ready(base: str, process: subprocess.Popen, timeout_s: float = 180.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -279,22 +301,12 @@ def wait_for_count(base: str, labels: str, timeout_s: float) -> bool:
 def test_real_server_scores_over_http_and_stops_on_sigterm(tiny_checkpoint: Path) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
+    settings = {
         "VAEBM_SAMPLE_MAX_STEPS": "10000",
-        "OMP_NUM_THREADS": "1",  # the machine is shared: keep the server to one core
+        "VAEBM_SAMPLE_MAX_CONCURRENT": "1",  # a 429 then says that a sample is running
         "VAEBM_LOG_JSON": "true",
-        "PYTHONPATH": str(REPO),
     }
-    command = [sys.executable, "-m", "service", "--port", str(port), "--device", "cpu"]
-    process = subprocess.Popen(
-        [*command, "--checkpoint", str(tiny_checkpoint)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_service(tiny_checkpoint, port, settings)
     try:
         wait_ready(base, process)
         buffer = io.BytesIO()
@@ -317,16 +329,22 @@ def test_real_server_scores_over_http_and_stops_on_sigterm(tiny_checkpoint: Path
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{base}/sample", json={"n": 4, "steps": 10000}, timeout=0.5)
         assert wait_for_count(base, 'route="/sample",status="499"', timeout_s=20.0)
-        # A request in flight when SIGTERM arrives still gets its answer.
+        # A request in flight when SIGTERM arrives still gets its answer. The signal goes
+        # once a probe finds the one sampling slot taken (429), so the sample has started.
         answers: list[int] = []
 
         def slow_request() -> None:
-            body = {"n": 4, "steps": 8, "seed": 1}
-            answers.append(httpx.post(f"{base}/sample", json=body, timeout=60.0).status_code)
+            body = {"n": 4, "steps": 100, "seed": 1}
+            status = 429
+            while status == 429:  # a probe held the slot for its own (short) sample
+                status = httpx.post(f"{base}/sample", json=body, timeout=120.0).status_code
+            answers.append(status)
 
         thread = threading.Thread(target=slow_request)
         thread.start()
-        time.sleep(0.3)
+        probe = {"n": 1, "steps": 0, "seed": 2}
+        while httpx.post(f"{base}/sample", json=probe, timeout=30.0).status_code != 429:
+            assert thread.is_alive(), answers  # answered before a probe saw it running
         process.send_signal(signal.SIGTERM)
         thread.join(timeout=60)
         _, stderr = process.communicate(timeout=60)
@@ -344,3 +362,6 @@ def test_real_server_scores_over_http_and_stops_on_sigterm(tiny_checkpoint: Path
     assert any(line["logger"].startswith("uvicorn") for line in lines)
     assert not any("color_message" in line for line in lines)
     assert any(line.get("route") == "/sample" and line.get("status") == 499 for line in lines)
+    # The sample was answered after the shutdown began: it was in flight at the signal.
+    shutdown_at = next(i for i, line in enumerate(lines) if line["message"] == "Shutting down")
+    assert [line.get("status") for line in lines[shutdown_at:] if "route" in line] == [200]

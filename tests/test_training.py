@@ -312,7 +312,8 @@ def test_ebm_resume_after_kill_equals_uninterrupted_run(
     with pytest.raises(Killed):
         train_ebm(ebm_args(vae_checkpoint, killed_dir, **options), ctx)
     monkeypatch.undo()
-    assert load_state(killed_dir / "train_state_ebm.pt")["step"] == 3
+    state_at_3 = load_state(killed_dir / "train_state_ebm.pt")
+    assert state_at_3["step"] == 3
 
     steps = record_steps(monkeypatch, train_ebm_module)
     train_ebm(ebm_args(vae_checkpoint, killed_dir, **options, resume=True), ctx)
@@ -329,8 +330,9 @@ def test_ebm_resume_after_kill_equals_uninterrupted_run(
     # The VAE stays frozen; the energy was trained.
     assert_state_dicts_equal(resumed.vae.state_dict(), vae_state)
     assert float(resumed.energy.head.weight.abs().sum()) > 0
-    # The buffer chains moved away from their initial N(0, I) draws.
+    # The buffer chains moved: Langevin wrote them back between the two saves.
     assert full_state["buffer"]["eps_z0"].shape == (16, 2, 7, 7)
+    assert not torch.equal(full_state["buffer"]["eps_z0"], state_at_3["buffer"]["eps_z0"])
 
 
 def test_ebm_resume_with_a_new_learning_rate_uses_it(tmp_path, vae_checkpoint, ctx):
@@ -407,23 +409,57 @@ def test_ebm_rejects_an_out_of_range_option(tmp_path, vae_checkpoint, ctx, field
     assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
+# Each option of the energy study, with what it needs to take effect: the blur range and
+# the pairs shape the corruption term, which is off unless it has a weight.
+STUDY_OPTIONS = [
+    ({"shuffled_negatives": 0.5}, {}),
+    ({"negative_temperature": 2.0}, {}),
+    ({"corruption_weight": 1.0}, {}),
+    ({"corruption_blur_max": 8.0}, {"corruption_weight": 1.0}),
+    ({"corruption_pairs": "all"}, {"corruption_weight": 1.0}),
+    ({"spectral_head": True}, {}),
+    ({"energy_head": "global"}, {}),
+]
+STUDY_RUN = {"steps": 2, "eval_every": 2, "checkpoint_every": 2}
+
+
+@pytest.fixture(scope="module")
+def study_baseline(tmp_path_factory, vae_checkpoint, ctx):
+    """The trained energy of a study run without the option under test (one run each)."""
+    trained: dict[tuple, dict] = {}
+
+    def energy_without(base: dict) -> dict:
+        key = tuple(sorted(base.items()))
+        if key not in trained:
+            out = tmp_path_factory.mktemp("study-baseline")
+            train_ebm(ebm_args(vae_checkpoint, out, **STUDY_RUN, **base), ctx)
+            trained[key] = load_checkpoint(out)[0].energy.state_dict()
+        return trained[key]
+
+    return energy_without
+
+
 @pytest.mark.parametrize(
-    ("field", "value"),
-    [
-        ("shuffled_negatives", 0.5),
-        ("negative_temperature", 2.0),
-        ("corruption_weight", 1.0),
-        ("corruption_blur_max", 8.0),
-        ("corruption_pairs", "all"),
-        ("spectral_head", True),
-        ("energy_head", "global"),
-    ],
+    ("option", "base"),
+    STUDY_OPTIONS,
+    ids=[f"{k}-{v}" for option, _ in STUDY_OPTIONS for k, v in option.items()],
 )
-def test_ebm_trains_with_each_study_option(tmp_path, vae_checkpoint, ctx, field, value):
-    metrics = train_ebm(ebm_args(vae_checkpoint, tmp_path / "s", **{field: value}), ctx)
+def test_ebm_trains_with_each_study_option(
+    tmp_path, vae_checkpoint, ctx, study_baseline, option, base
+):
+    """Each option is recorded and reaches the training: the energy trained with it
+    differs from the one trained, from the same seed, without it."""
+    out = tmp_path / "s"
+    metrics = train_ebm(ebm_args(vae_checkpoint, out, **STUDY_RUN, **base, **option), ctx)
     assert np.isfinite(metrics["val_energy_mean"])
-    _, info = load_checkpoint(tmp_path / "s")
-    assert info.training["ebm"][field] == value
+    model, info = load_checkpoint(out)
+    for field, value in {**base, **option}.items():
+        assert info.training["ebm"][field] == value
+    assert model.energy.config.head == option.get("energy_head", "sum")
+    trained, without = model.energy.state_dict(), study_baseline(base)
+    assert trained.keys() != without.keys() or any(
+        not torch.equal(trained[key], without[key]) for key in trained
+    ), f"{option} left the trained energy as it is without it"
 
 
 def test_shuffle_pixels_keeps_each_images_intensities_and_breaks_its_structure():
@@ -461,10 +497,12 @@ def test_gaussian_blur_keeps_constants_and_the_mean_and_smooths_edges():
 
 
 def test_corrupt_images_shuffles_the_first_half_and_blurs_the_rest():
+    torch.manual_seed(0)
     images = torch.rand(6, 1, 28, 28) * 2 - 1
     out = corruptions.corrupt_images(images, blur_range=(2.0, 2.0))
     for original, moved in zip(images[:3], out[:3], strict=True):
         assert torch.equal(original.flatten().sort().values, moved.flatten().sort().values)
+        assert not torch.equal(original, moved)  # the same values, moved
     torch.testing.assert_close(out[3:], corruptions.gaussian_blur(images[3:], 2.0))
 
 
@@ -715,20 +753,27 @@ DDP_WRAPPER = textwrap.dedent(
 )
 
 
-def test_ddp_two_processes_train_and_only_rank_0_writes(tmp_path, data):
-    out = tmp_path / "ddp"
-    script = tmp_path / "ddp_wrapper.py"
-    script.write_text(DDP_WRAPPER)
-    log = tmp_path / "ranks.log"
+def run_two_ranks(wrapper: str, log: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    """`wrapper` (a script given the log path, then `vaebm` arguments) as two ranks
+    under torchrun on the CPU, one thread each."""
+    script = log.with_suffix(".py")
+    script.write_text(wrapper)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-        str(script), str(log), "train", "vae", "--out", str(out), "--data", data, *VAE_FLAGS,
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd = [*torchrun, "--standalone", str(script), str(log), *argv]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_ddp_two_processes_train_and_only_rank_0_writes(tmp_path, data):
+    out = tmp_path / "ddp"
+    log = tmp_path / "ranks.log"
+    argv = [
+        "train", "vae", "--out", str(out), "--data", data, *VAE_FLAGS,
         "--steps", "3", "--checkpoint-every", "2", "--eval-every", "2",
     ]  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    result = run_two_ranks(DDP_WRAPPER, log, argv)
     assert result.returncode == 0, result.stderr[-3000:]
 
     lines = log.read_text().splitlines()
@@ -773,20 +818,14 @@ DDP_DIVERGENCE_WRAPPER = textwrap.dedent(
 
 def test_ddp_divergence_on_one_rank_stops_every_rank(tmp_path, vae_checkpoint):
     out = tmp_path / "ebm"
-    script = tmp_path / "ddp_divergence.py"
-    script.write_text(DDP_DIVERGENCE_WRAPPER)
     log = tmp_path / "codes.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-        str(script), str(log), "train", "ebm", "--checkpoint", str(vae_checkpoint),
+    argv = [
+        "train", "ebm", "--checkpoint", str(vae_checkpoint),
         "--out", str(out), "--energy-hidden", "8", "--steps", "4", "--batch-size", "8",
         "--langevin-steps", "1", "--eval-every", "1000", "--eval-images", "16",
         "--checkpoint-every", "1", "--device", "cpu", "--max-abs-energy", "1.0",
     ]  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    result = run_two_ranks(DDP_DIVERGENCE_WRAPPER, log, argv)
     assert result.returncode != 0
     # Step 0: E = 0 everywhere. Step 1: |E| ~ 1e-4 on rank 1 but ~1e2 on rank 0; both
     # ranks must stop there with the divergence exit code (none left hanging or killed).
