@@ -146,9 +146,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.warmup_seconds = None
     app.state.startup_error = None
     app.state.samples_running = 0
-    # Whether a shutdown can wait no longer for long work (which then stops with a 503
-    # instead of being cancelled): `service.main.serve` sets a ShutdownDeadline on uvicorn.
-    app.state.draining = lambda: app.state.stopping
+    # Whether a shutdown can wait no longer for long work's next step, given how long the
+    # step takes (the work then stops with a 503 instead of being cancelled):
+    # `service.main.serve` sets a ShutdownDeadline on uvicorn.
+    app.state.draining = lambda next_step_s=0.0: app.state.stopping
     install_error_handlers(app)
     app.include_router(api_router)
     # add_middleware wraps: the last added runs first (outermost). The body limits wrap

@@ -23,59 +23,108 @@ DEADLINE_MARGIN_S = 1.0  # stop this long before the server would cancel the req
 
 
 class ShutdownDeadline:
-    """True once a shutdown has run so long that the server will soon cancel its requests.
+    """Whether long work must stop now to end before the server cancels it at shutdown.
 
     On SIGTERM uvicorn waits ``grace_s`` for in-flight requests, then cancels them (a
-    500 with a traceback). Work that checks this between steps finishes if it can within
-    the grace period, and otherwise stops a margin before its end with a 503. The
-    shutdown's start is noticed on the first check after it (checks come once a step).
+    500 with a traceback). Work asks this before each step, telling how long a step
+    takes, and while it waits for one: it finishes if it can within the grace period, and
+    otherwise stops with a 503 a margin before the period ends, without starting a step
+    that would not end in time.
+
+    Parameters
+    ----------
+    shutdown_requested_at : callable
+        Returns the ``clock()`` time at which the shutdown was asked for, or None.
+    grace_s : float
+        The server's graceful-shutdown wait, seconds.
+    clock : callable
+        Monotonic seconds.
     """
 
     def __init__(
         self,
-        shutting_down: Callable[[], bool],
+        shutdown_requested_at: Callable[[], float | None],
         grace_s: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.shutting_down = shutting_down
+        self.shutdown_requested_at = shutdown_requested_at
         self.grace_s = grace_s
         self.clock = clock
-        self.since: float | None = None
 
-    def __call__(self) -> bool:
-        if not self.shutting_down():
+    def __call__(self, next_step_s: float = 0.0) -> bool:
+        requested = self.shutdown_requested_at()
+        if requested is None:
             return False
-        if self.since is None:
-            self.since = self.clock()
-        return self.clock() - self.since >= max(0.0, self.grace_s - DEADLINE_MARGIN_S)
+        finished = self.clock() - requested + next_step_s
+        return finished >= max(0.0, self.grace_s - DEADLINE_MARGIN_S)
 
 
-def step_check(request: Request, what: str, total: int) -> Callable[[int], Awaitable[None]]:
-    """A check to call before each of ``total`` steps: raises ShuttingDown when a shutdown
-    cannot wait any longer (``app.state.draining``, a :class:`ShutdownDeadline` under
-    ``vaebm serve``) and ClientGone once the client has disconnected."""
+async def await_unless(work: Awaitable[T], stop: Callable[[], Awaitable[Exception | None]]) -> T:
+    """``await work``, asking ``stop()`` every POLL_S while it runs; when that returns an
+    exception, cancel the work and raise it.
 
-    async def check(done: int) -> None:
-        progress = f"{what} stopped after {done} of {total} steps"
-        if request.app.state.draining():
-            raise ShuttingDown(f"the service is shutting down; {progress}; retry later")
-        if await request.is_disconnected():
-            raise ClientGone(f"the client left; {progress}")
-
-    return check
-
-
-async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
-    """``await work``, but cancel it and raise ClientGone if the client disconnects.
-
-    Cancelling a micro-batcher submission cancels its images' futures, and the batcher
-    skips images whose future is done: what has not run yet never runs.
+    Cancelling a job of the model thread that has not started removes it from the queue;
+    one already running finishes there, unseen. Cancelling a micro-batcher submission
+    cancels its images' futures, and the batcher skips images whose future is done.
     """
     task = asyncio.ensure_future(work)
     while True:
         done, _ = await asyncio.wait({task}, timeout=POLL_S)
         if done:
             return task.result()
-        if await request.is_disconnected():
+        reason = await stop()
+        if reason is not None:
             task.cancel()
-            raise ClientGone("the client left; its images not yet scored were dropped")
+            raise reason
+
+
+StepGuard = Callable[[int, Callable[[], Awaitable[T]]], Awaitable[T]]
+
+
+def step_guard(request: Request, what: str, total: int) -> StepGuard:
+    """Runs each of ``total`` steps (``guard(done, start_step)``), stopping the work with
+    ShuttingDown (503) when a shutdown cannot wait for it and with ClientGone (499) once
+    the client has disconnected.
+
+    Before a step, the shutdown check (``app.state.draining``, a :class:`ShutdownDeadline`
+    under ``vaebm serve``) is told the slowest step so far, the time from one step's
+    start to the next: a step waits its turn on the model thread behind other requests'
+    jobs, and on a busy two-core machine steps of two concurrent samples took from one to
+    six seconds. While a step runs, both checks are polled, so a step that runs long does
+    not hold the response past the grace period.
+    """
+    slowest_step_s = 0.0
+    last_start: float | None = None
+
+    async def stop_reason(done: int, next_step_s: float) -> Exception | None:
+        progress = f"{what} stopped after {done} of {total} steps"
+        if request.app.state.draining(next_step_s):
+            return ShuttingDown(f"the service is shutting down; {progress}; retry later")
+        if await request.is_disconnected():
+            return ClientGone(f"the client left; {progress}")
+        return None
+
+    async def guard(done: int, start_step: Callable[[], Awaitable[T]]) -> T:
+        nonlocal slowest_step_s, last_start
+        now = time.monotonic()
+        if last_start is not None:
+            slowest_step_s = max(slowest_step_s, now - last_start)
+        last_start = now
+        reason = await stop_reason(done, slowest_step_s)
+        if reason is not None:
+            raise reason
+        return await await_unless(start_step(), lambda: stop_reason(done, 0.0))
+
+    return guard
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """``await work``, but cancel it and raise ClientGone if the client disconnects
+    (its images not yet scored are dropped, see :func:`await_unless`)."""
+
+    async def client_gone() -> Exception | None:
+        if await request.is_disconnected():
+            return ClientGone("the client left; its images not yet scored were dropped")
+        return None
+
+    return await await_unless(work, client_gone)

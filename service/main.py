@@ -13,8 +13,10 @@ import logging
 import math
 import signal
 import threading
+import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import NoReturn
 
 import uvicorn
@@ -115,8 +117,10 @@ def serve(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s),
         server_header=False,
     )
-    server = uvicorn.Server(config)
-    app.state.draining = ShutdownDeadline(lambda: server.should_exit, settings.graceful_timeout_s)
+    server = _Server(config)
+    app.state.draining = ShutdownDeadline(
+        lambda: server.exit_requested_at, settings.graceful_timeout_s
+    )
     with _absorb_reraised_signals():
         try:
             server.run()
@@ -130,6 +134,19 @@ def serve(argv: list[str] | None = None) -> int:
         return EXIT_STARTUP_FAILED
     logger.info("shut down cleanly")
     return EXIT_OK
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, noting when SIGTERM or SIGINT asked it to stop: the shutdown's
+    grace period runs from about then (ShutdownDeadline's clock starts there, not at the
+    first check of some long work, which may come a step later)."""
+
+    exit_requested_at: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.exit_requested_at is None:
+            self.exit_requested_at = time.monotonic()
+        super().handle_exit(sig, frame)
 
 
 @contextlib.contextmanager

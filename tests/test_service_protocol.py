@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
-from service.cancellation import ShutdownDeadline, step_check
+from service.cancellation import ShutdownDeadline, step_guard
 from service.errors import ClientGone, ProblemError
 from service.middleware import MAX_JSON_BYTES, BodyLimitsMiddleware, route_template
 from tests.test_service_api import assert_problem, png, settings_for
@@ -90,39 +90,53 @@ def test_route_labels_of_unrouted_requests(client: TestClient) -> None:
     assert route_template({"path": "/etc/passwd", "app": app}) == "unmatched"
 
 
+def posted(body: bytes) -> dict:
+    """The ASGI scope of a POST /score of ``body``: a request with a body says so, by
+    Content-Length (here) or chunked encoding."""
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": "/score",
+        "headers": [(b"content-length", str(len(body)).encode())],
+    }
+
+
 def test_a_body_that_stops_arriving_gets_a_408() -> None:
-    """BodyLimitsMiddleware on its own: the second piece of the body never comes."""
+    """BodyLimitsMiddleware on its own: the second piece of the body comes only 100
+    timeouts later. Timers on one event loop fire in deadline order, so the middleware's
+    timeout comes first however busy the machine: no clock is read here."""
     read_all = []
+    waits = []
 
     async def app(scope: dict, receive, send) -> None:  # reads the body, then answers
         while (await receive()).get("more_body"):
             pass
         read_all.append(True)
 
-    middleware = BodyLimitsMiddleware(app, max_bytes=1000, timeout_s=0.05)
-    pieces = [{"type": "http.request", "body": b"abc", "more_body": True}]
+    timeout_s = 0.05
+    middleware = BodyLimitsMiddleware(app, max_bytes=1000, timeout_s=timeout_s)
+    pieces = [
+        {"type": "http.request", "body": b"def", "more_body": False},
+        {"type": "http.request", "body": b"abc", "more_body": True},
+    ]
     sent: list[dict] = []
 
     async def receive() -> dict:
-        if pieces:
-            return pieces.pop()
-        await asyncio.sleep(3600)  # the client went quiet
-        raise AssertionError("unreachable")
+        piece = pieces.pop()
+        if not pieces:  # the client went quiet before its last piece
+            try:
+                await asyncio.sleep(100 * timeout_s)
+            except asyncio.CancelledError:
+                waits.append("given up")
+                raise
+            waits.append("waited for it")
+        return piece
 
     async def send(message: dict) -> None:
         sent.append(message)
 
-    # a request with a body says so: by Content-Length (here) or chunked encoding
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/score",
-        "headers": [(b"content-length", b"9")],
-    }
-    started = time.perf_counter()
-    asyncio.run(middleware(scope, receive, send))
-    assert time.perf_counter() - started < 5
-    assert read_all == []
+    asyncio.run(middleware(posted(b"abcdef"), receive, send))
+    assert waits == ["given up"] and read_all == []
     assert sent[0]["status"] == 408
     assert (b"connection", b"close") in sent[0]["headers"]
     assert b"VAEBM_BODY_TIMEOUT_S" in sent[1]["body"]
@@ -151,14 +165,7 @@ def test_the_timeout_ends_with_the_body() -> None:
     async def send(message: dict) -> None:
         raise AssertionError("nothing should be sent")
 
-    # a request with a body says so: by Content-Length (here) or chunked encoding
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/score",
-        "headers": [(b"content-length", b"9")],
-    }
-    asyncio.run(middleware(scope, receive, send))
+    asyncio.run(middleware(posted(b"abc"), receive, send))
     assert waited == [{"type": "http.disconnect"}]
 
 
@@ -217,13 +224,14 @@ def test_a_sample_stops_when_its_client_is_gone(client: TestClient) -> None:
     runtime = client.app.state.runtime
     asked: list[int] = []
 
-    async def gone_after_three(done: int) -> None:
+    async def gone_after_three(done: int, start_step):
         asked.append(done)
         if done == 3:
             raise ClientGone(f"the client left; sampling stopped after {done} of 40 steps")
+        return await start_step()
 
     async def draw() -> None:
-        await runtime.sample_uint8(2, 40, 1e-3, 5, before_step=gone_after_three)
+        await runtime.sample_uint8(2, 40, 1e-3, 5, guard_step=gone_after_three)
 
     with pytest.raises(ClientGone, match="sampling stopped after 3 of 40 steps"):
         client.portal.call(draw)
@@ -231,44 +239,79 @@ def test_a_sample_stops_when_its_client_is_gone(client: TestClient) -> None:
 
 
 class FakeRequest:
-    """What ``step_check`` reads of a request: the app's draining flag, the connection."""
+    """What ``step_guard`` reads of a request: the app's draining check (asked with the
+    next step's expected seconds, which it records), the connection."""
 
-    def __init__(self, draining: bool, disconnected: bool) -> None:
-        self.app = SimpleNamespace(state=SimpleNamespace(draining=lambda: draining))
+    def __init__(self, draining: bool | Callable[[], bool], disconnected: bool) -> None:
+        self.asked_with: list[float] = []
+        self.draining = draining if callable(draining) else (lambda: draining)
+        self.app = SimpleNamespace(state=SimpleNamespace(draining=self.ask))
         self.disconnected = disconnected
+
+    def ask(self, next_step_s: float = 0.0) -> bool:
+        self.asked_with.append(next_step_s)
+        return self.draining()
 
     async def is_disconnected(self) -> bool:
         return self.disconnected
+
+
+async def a_step(seconds: float = 0.0, result: str = "stepped") -> str:
+    await asyncio.sleep(seconds)
+    return result
 
 
 @pytest.mark.parametrize(
     ("draining", "disconnected", "expected"),
     [(False, False, None), (False, True, 499), (True, False, 503), (True, True, 503)],
 )
-def test_step_check_stops_for_a_shutdown_or_a_departed_client(
+def test_step_guard_stops_for_a_shutdown_or_a_departed_client(
     draining: bool, disconnected: bool, expected: int | None
 ) -> None:
-    check = step_check(FakeRequest(draining, disconnected), "sampling", 10)  # type: ignore[arg-type]
+    guard = step_guard(FakeRequest(draining, disconnected), "sampling", 10)  # type: ignore[arg-type]
     if expected is None:
-        asyncio.run(check(4))
+        assert asyncio.run(guard(4, a_step)) == "stepped"
         return
     with pytest.raises(ProblemError) as caught:
-        asyncio.run(check(4))
+        asyncio.run(guard(4, a_step))
     assert caught.value.status == expected
     assert "sampling stopped after 4 of 10 steps" in caught.value.detail
 
 
-def test_an_abandoned_batch_is_dropped_from_the_queue() -> None:
-    """unless_client_leaves cancels the submission; the batcher skips cancelled images."""
-    from service.cancellation import unless_client_leaves
+def test_a_step_running_past_the_deadline_is_abandoned_with_a_503() -> None:
+    """Under load one Langevin step took up to six seconds: a shutdown whose deadline came
+    during it let uvicorn cancel the request (a 500 with a traceback), not a 503."""
+    deadline_passed = [False]
+    request = FakeRequest(lambda: deadline_passed[0], disconnected=False)
+    guard = step_guard(request, "sampling", 10)  # type: ignore[arg-type]
 
-    async def scenario() -> tuple[bool, bool]:
-        never = asyncio.get_running_loop().create_future()  # a batch that never comes back
-        with pytest.raises(ClientGone):
-            await unless_client_leaves(FakeRequest(False, True), never)  # type: ignore[arg-type]
-        return never.cancelled(), never.done()
+    async def scenario() -> asyncio.Task:
+        step = asyncio.ensure_future(a_step(60.0))
+        asyncio.get_running_loop().call_later(0.3, deadline_passed.__setitem__, 0, True)
+        with pytest.raises(ProblemError) as caught:
+            await asyncio.wait_for(guard(0, lambda: step), timeout=10)
+        assert caught.value.status == 503
+        await asyncio.sleep(0)  # let the cancellation land
+        return step
 
-    assert asyncio.run(scenario()) == (True, True)
+    assert asyncio.run(scenario()).cancelled()
+
+
+def test_the_shutdown_check_is_told_the_slowest_step_so_far() -> None:
+    request = FakeRequest(False, disconnected=False)
+    guard = step_guard(request, "sampling", 3)  # type: ignore[arg-type]
+
+    async def three_steps() -> None:
+        for done, seconds in enumerate((0.1, 0.02, 0.0)):
+            await guard(done, lambda seconds=seconds: a_step(seconds))
+
+    asyncio.run(three_steps())
+    # before each step the check is told the slowest step so far; polls during a step
+    # (only if the machine stalls past POLL_S) ask with 0
+    first, *later = request.asked_with
+    before_steps = [first, *(asked for asked in later if asked > 0)]
+    assert len(before_steps) == 3 and before_steps[0] == 0.0  # nothing measured yet
+    assert before_steps[1] >= 0.1 and before_steps[2] == before_steps[1]  # the slowest kept
 
 
 def test_steps_one_at_a_time_give_the_same_sample(client: TestClient) -> None:
@@ -294,15 +337,36 @@ def test_steps_one_at_a_time_give_the_same_sample(client: TestClient) -> None:
 
 def test_a_shutdown_deadline_lets_work_finish_until_shortly_before_the_cancel() -> None:
     now = [100.0]
-    stopping = [False]
-    deadline = ShutdownDeadline(lambda: stopping[0], grace_s=30.0, clock=lambda: now[0])
+    requested: list[float | None] = [None]
+    deadline = ShutdownDeadline(lambda: requested[0], grace_s=30.0, clock=lambda: now[0])
+    assert not deadline() and not deadline(next_step_s=40.0)  # no shutdown asked for
+    requested[0] = now[0] - 2.0  # SIGTERM came 2 s ago: 27 s left for the work
     assert not deadline()
-    stopping[0] = True
-    assert not deadline()  # the shutdown starts now: 29 s left for the work
-    now[0] += 28.9
+    now[0] += 26.9
     assert not deadline()
     now[0] += 0.1
     assert deadline()  # one second before uvicorn would cancel
+    now[0] -= 10.0  # 10 s left before the margin: a 10 s step would not end in time
+    assert not deadline(next_step_s=9.9) and deadline(next_step_s=10.0)
+
+
+def test_the_server_notes_when_it_was_asked_to_stop() -> None:
+    """The deadline counts from the signal, not from the first check after it (a step
+    later, and a step took up to six seconds under load)."""
+    import signal
+
+    import uvicorn
+
+    from service.main import _Server
+
+    server = _Server(uvicorn.Config(lambda scope, receive, send: None))
+    assert server.exit_requested_at is None
+    before = time.monotonic()
+    server.handle_exit(signal.SIGTERM, None)
+    first = server.exit_requested_at
+    assert server.should_exit and first is not None and before <= first <= time.monotonic()
+    server.handle_exit(signal.SIGINT, None)  # a second signal keeps the first time
+    assert server.exit_requested_at == first
 
 
 def test_a_response_sent_before_the_body_was_read_closes_the_connection(
