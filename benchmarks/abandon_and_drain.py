@@ -10,7 +10,11 @@ Starts ``vaebm serve`` (API keys on, a 5 s graceful timeout) on ``--port`` and p
 - what two 64-sample, 200-step ``/sample`` requests get when SIGTERM comes 2 s in, how
   long the server takes to exit, and how many tracebacks it logged.
 
-    python benchmarks/abandon_and_drain.py --port 8035
+``--busy-loops N`` runs N processes that spin on the CPU for the whole run, to see the
+shutdown on a machine too busy for the sampling steps to keep their pace (three on a
+two-core machine made a step take one to six seconds).
+
+    python benchmarks/abandon_and_drain.py --port 8035 [--busy-loops 3]
 """
 
 from __future__ import annotations
@@ -138,16 +142,20 @@ def sigterm_during_samples(base: str, process: subprocess.Popen[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8035)
-    port = parser.parse_args().port
-    base = f"http://127.0.0.1:{port}"
-    process = start_server(port)
+    parser.add_argument("--busy-loops", type=int, default=0, help="CPU-spinning processes")
+    args = parser.parse_args()
+    base = f"http://127.0.0.1:{args.port}"
+    spin = "while True: pass"
+    busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(args.busy_loops)]
+    process = start_server(args.port)
     try:
         abandoned_batches(base, gray_png())
-        unread_body_after_401(port)
+        unread_body_after_401(args.port)
         sigterm_during_samples(base, process)
     finally:
-        if process.poll() is None:
-            process.kill()
+        for running in (process, *busy):
+            if running.poll() is None:
+                running.kill()
 
 
 if __name__ == "__main__":
