@@ -118,13 +118,19 @@ def step_guard(request: Request, what: str, total: int) -> StepGuard:
     return guard
 
 
-async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
-    """``await work``, but cancel it and raise ClientGone if the client disconnects
-    (its images not yet scored are dropped, see :func:`await_unless`)."""
+async def unless_stopped(request: Request, work: Awaitable[T]) -> T:
+    """``await work``, but cancel it (its images not yet scored are dropped, see
+    :func:`await_unless`) and raise ClientGone if the client disconnects, or ShuttingDown
+    when a shutdown can wait no longer (a batch queued behind long work would otherwise
+    be cancelled by the server: a 500)."""
 
-    async def client_gone() -> Exception | None:
+    async def stop() -> Exception | None:
+        if request.app.state.draining():
+            return ShuttingDown(
+                "the service is shutting down; the images not yet scored were dropped; retry later"
+            )
         if await request.is_disconnected():
             return ClientGone("the client left; its images not yet scored were dropped")
         return None
 
-    return await await_unless(work, client_gone)
+    return await await_unless(work, stop)

@@ -314,6 +314,26 @@ def test_the_shutdown_check_is_told_the_slowest_step_so_far() -> None:
     assert before_steps[1] >= 0.1 and before_steps[2] == before_steps[1]  # the slowest kept
 
 
+@pytest.mark.parametrize(
+    ("draining", "disconnected", "expected"), [(False, True, 499), (True, False, 503)]
+)
+def test_an_abandoned_batch_is_dropped_from_the_queue(
+    draining: bool, disconnected: bool, expected: int
+) -> None:
+    """unless_stopped cancels the submission when the client leaves or the shutdown can
+    wait no longer; the batcher skips cancelled images."""
+    from service.cancellation import unless_stopped
+
+    async def scenario() -> tuple[int, bool, bool]:
+        never = asyncio.get_running_loop().create_future()  # a batch that never comes back
+        request = FakeRequest(draining, disconnected)
+        with pytest.raises(ProblemError) as caught:
+            await unless_stopped(request, never)  # type: ignore[arg-type]
+        return caught.value.status, never.cancelled(), never.done()
+
+    assert asyncio.run(scenario()) == (expected, True, True)
+
+
 def test_steps_one_at_a_time_give_the_same_sample(client: TestClient) -> None:
     """The service's step-by-step sampler draws what VAEBM.sample draws: the same random
     stream in the same order, so the same images up to float rounding (the two run on

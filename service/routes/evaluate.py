@@ -12,7 +12,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from model.metrics import METRIC_DESCRIPTIONS, ood_metrics
-from service.cancellation import unless_client_leaves
+from service.cancellation import unless_stopped
 from service.deps import ReferencesDep, RuntimeDep, SettingsDep
 from service.errors import ProblemError
 from service.references import ReferenceScores
@@ -54,7 +54,7 @@ async def score_uploads(
             outcome.detail = f"{field}[{i}] ({upload.filename}): {outcome.detail}"
             raise outcome
         images.append(outcome[0])
-    results = await unless_client_leaves(request, runtime.batcher.submit_many(images))
+    results = await unless_stopped(request, runtime.batcher.submit_many(images))
     return {name: np.array([r[name] for r in results]) for name in runtime.calibration.score_names}
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 
 from model.scores import SCORES
-from service.cancellation import unless_client_leaves
+from service.cancellation import unless_stopped
 from service.deps import MetricsDep, RuntimeDep, SettingsDep
 from service.errors import ProblemError
 from service.imaging import ImageInfo
@@ -128,7 +128,7 @@ async def score_batch(
     decoded = await decode_uploads(files, settings, runtime)
     good = [i for i, d in enumerate(decoded) if not isinstance(d, ProblemError)]
     images = [decoded[i][0] for i in good]  # type: ignore[index]
-    scored = await unless_client_leaves(request, runtime.batcher.submit_many(images))
+    scored = await unless_stopped(request, runtime.batcher.submit_many(images))
     by_index = dict(zip(good, scored, strict=True))
     items = []
     for i, (upload, outcome) in enumerate(zip(files, decoded, strict=True)):
