@@ -18,7 +18,7 @@ from fastapi import Request
 from service.errors import ClientGone, ShuttingDown
 
 T = TypeVar("T")
-POLL_S = 0.25  # how often a waiting request looks for its client
+POLL_S = 0.25  # how often waiting work looks for its client and the shutdown deadline
 DEADLINE_MARGIN_S = 1.0  # stop this long before the server would cancel the request
 
 

@@ -61,3 +61,13 @@ def test_the_key_is_checked_first_and_probes_are_left_alone(client):
     response = client.post("/score?scores=x", headers={"X-API-Key": ""}, **upload())
     assert response.status_code == 401
     assert client.get("/healthz?probe=lb").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [("/sample?format=json", "format"), ("/evaluate?reference=digits", "reference")],
+)
+def test_a_body_field_given_as_a_query_parameter_is_refused(client, path, name):
+    """`format` belongs in /sample's JSON body and `reference` in /evaluate's form: as query
+    parameters they were ignored (a PNG instead of JSON, the default reference set)."""
+    assert_problem(client.post(path), "unknown-query-parameter", f"'{name}'", "takes none")
