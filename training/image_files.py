@@ -1,26 +1,45 @@
-"""Image files on disk: IDX files, ``.npz`` arrays, and directories or tar archives of
-encoded images (PNG, JPEG, ...).
+"""Image files on disk: directories or tar archives of encoded images (PNG, JPEG, ...);
+the limits and the error shared with the array files (:mod:`training.array_files`).
 
-Each ``load_*`` function reads one kind of file and returns ``uint8`` images shaped
+Each ``load_*`` function here and there reads one kind of file and returns ``uint8`` images shaped
 ``(N, H, W, C)`` with ``C`` in ``{1, 3}``, or raises :class:`DataError` naming the file and
 the problem. :mod:`training.data` picks the loader from a data source spec and adds
 slicing and the conversion to the model's shape.
+
+Nothing here trusts a size a file states: each is checked against
+:data:`MAX_SOURCE_BYTES` or :data:`MAX_IMAGE_FILE_BYTES` before memory is allocated for it,
+so a decompression bomb or a lying header is refused in one line, not met as a
+``MemoryError``. Images are decoded as the service decodes uploads (``service/imaging.py``):
+the EXIF orientation applied, alpha and palette transparency composited on black, 16-bit
+values scaled to 8 bits, the first frame of an animation, so that a model is calibrated on
+the same pixels it is later asked to score.
 """
 
 from __future__ import annotations
 
-import gzip
 import io
+import lzma
+import os
 import tarfile
-import zipfile
+import warnings
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["DataError", "IMAGE_SUFFIXES", "load_directory", "load_idx", "load_npz", "load_tar"]
+__all__ = [
+    "DataError",
+    "IMAGE_FORMATS",
+    "IMAGE_SUFFIXES",
+    "MAX_IMAGE_FILE_BYTES",
+    "MAX_SOURCE_BYTES",
+    "gib",
+    "load_directory",
+    "load_tar",
+]
 
 IMAGE_SUFFIXES: tuple[str, ...] = (
     ".png",
@@ -34,109 +53,34 @@ IMAGE_SUFFIXES: tuple[str, ...] = (
 )
 """File-name suffixes (lower case) read as images from directories and archives."""
 
-_IDX_IMAGES_MAGIC = 0x00000803
-_IDX_LABELS_MAGIC = 0x00000801
-_IDX_TYPE_NAMES = {
-    0x08: "unsigned byte",
-    0x09: "signed byte",
-    0x0B: "short",
-    0x0C: "int",
-    0x0D: "float",
-    0x0E: "double",
-}
-_GRAY_MODES = frozenset({"1", "L", "LA", "La"})
+IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
+"""The Pillow formats of :data:`IMAGE_SUFFIXES`, the only ones decoded (as the service's):
+a file named ``.png`` that holds, say, EPS must not start Ghostscript."""
+
+MAX_SOURCE_BYTES = 2 << 30
+"""Most bytes one data source may expand to (2 GiB): its decoded pixels, and also the
+decompressed content of a gzip IDX file or a tar archive. CIFAR-10's 50000 training images
+take 150 MB; a source past this is a decompression bomb or a mistake, refused before the
+memory is taken rather than met as a ``MemoryError`` or the kernel's OOM killer."""
+
+MAX_IMAGE_FILE_BYTES = 1 << 30
+"""Largest image file read into memory (1 GiB): an uncompressed image at Pillow's pixel
+limit (89 million pixels) at 8 bytes a pixel (16-bit RGBA) takes 716 MB."""
+
+_GRAY_MODES = frozenset({"1", "L"})
+_ALPHA_MODES = frozenset({"LA", "La", "RGBA", "RGBa", "PA"})
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_READ_CHUNK = 1 << 16  # small image files: below malloc's mmap threshold
+_SIXTEEN_BIT_STEP = 257.0  # 65535 / 255: maps 0..65535 onto 0..255 exactly, as the service
 
 
 class DataError(ValueError):
     """A data source is missing or malformed; the message names the file and the problem."""
 
 
-# ---------------------------------------------------------------------------
-# IDX and NPZ files
-# ---------------------------------------------------------------------------
-
-
-def _read_maybe_gzip(path: Path) -> bytes:
-    """Read a file, decompressing it when it starts with the gzip magic bytes."""
-    try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: cannot read the file: {exc}") from exc
-    return raw
-
-
-def load_idx(path: Path) -> np.ndarray:
-    """Parse an IDX file of unsigned-byte images into ``(N, H, W, 1)``."""
-    data = _read_maybe_gzip(path)
-    if len(data) < 4:
-        raise DataError(f"{path}: too short for an IDX header ({len(data)} bytes)")
-    magic = int.from_bytes(data[:4], "big")
-    if magic == _IDX_LABELS_MAGIC:
-        raise DataError(f"{path}: this IDX file holds 1-D labels, not images")
-    if magic != _IDX_IMAGES_MAGIC:
-        raise DataError(f"{path}: {_describe_idx_magic(magic)}; expected 0x00000803")
-    header_size = 4 + 3 * 4
-    if len(data) < header_size:
-        raise DataError(f"{path}: truncated IDX header ({len(data)} of {header_size} bytes)")
-    count, height, width = (int.from_bytes(data[i : i + 4], "big") for i in (4, 8, 12))
-    expected = count * height * width
-    found = len(data) - header_size
-    if found != expected:
-        problem = "truncated" if found < expected else "has trailing bytes"
-        raise DataError(
-            f"{path}: {problem}: the header says {count} images of {height}x{width} "
-            f"({expected} bytes) but the file holds {found} bytes of pixel data"
-        )
-    pixels = np.frombuffer(data, dtype=np.uint8, offset=header_size)
-    return pixels.reshape(count, height, width, 1).copy()
-
-
-def _describe_idx_magic(magic: int) -> str:
-    """Explain an unexpected IDX magic number."""
-    if magic >> 16 != 0:
-        return f"not an IDX file (magic number 0x{magic:08x})"
-    type_name = _IDX_TYPE_NAMES.get((magic >> 8) & 0xFF, "an unknown type")
-    ndim = magic & 0xFF
-    return f"this IDX file holds {ndim}-D data of {type_name} (magic number 0x{magic:08x})"
-
-
-def load_npz(path: Path) -> np.ndarray:
-    """Load the image array of a ``.npz`` file as ``(N, H, W, C)``."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            keys = list(archive.files)
-            key = _pick_npz_key(path, keys)
-            array = archive[key]
-    except DataError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path}: cannot read the .npz file: {exc}") from exc
-    where = f"{path} (array '{key}')"
-    if array.dtype != np.uint8:
-        raise DataError(f"{where}: dtype must be uint8, got {array.dtype}")
-    if array.ndim == 3:
-        return array[..., np.newaxis]
-    if array.ndim == 4 and array.shape[-1] in (1, 3):
-        return array
-    raise DataError(
-        f"{where}: shape must be (N, H, W) or (N, H, W, C) with C in {{1, 3}}, got {array.shape}"
-    )
-
-
-def _pick_npz_key(path: Path, keys: list[str]) -> str:
-    """Choose ``images`` or the only array of a ``.npz`` file."""
-    if "images" in keys:
-        return "images"
-    if len(keys) == 1:
-        return keys[0]
-    if not keys:
-        raise DataError(f"{path}: the .npz file holds no arrays")
-    raise DataError(
-        f"{path}: the .npz file holds several arrays ({', '.join(keys)}) and none is named 'images'"
-    )
+def gib(size: int) -> str:
+    """A byte count for a message, e.g. ``2 GiB``."""
+    return f"{size / (1 << 30):g} GiB"
 
 
 # ---------------------------------------------------------------------------
@@ -144,73 +88,258 @@ def _pick_npz_key(path: Path, keys: list[str]) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _is_image_name(relative: str) -> bool:
-    """Whether a relative path names a visible image file."""
-    parts = relative.split("/")
-    if any(part.startswith(".") for part in parts if part):
-        return False
-    return parts[-1].lower().endswith(IMAGE_SUFFIXES)
+def _is_hidden(parts: Iterable[str]) -> bool:
+    """Whether a relative path, as its parts, is hidden (a part starts with ``.``)."""
+    return any(part.startswith(".") for part in parts)
+
+
+def _has_image_suffix(name: str) -> bool:
+    """Whether a file name ends in one of :data:`IMAGE_SUFFIXES`, in any case."""
+    return name.lower().endswith(IMAGE_SUFFIXES)
 
 
 def load_directory(root: Path) -> np.ndarray:
     """Decode every image file below ``root`` in sorted path order."""
-    files = sorted(
-        (path for path in root.rglob("*") if path.is_file()),
-        key=lambda path: path.relative_to(root).as_posix(),
-    )
-    files = [path for path in files if _is_image_name(path.relative_to(root).as_posix())]
+    files = _directory_images(root)
     if not files:
         raise DataError(f"{root}: directory contains no image files ({' '.join(IMAGE_SUFFIXES)})")
     return _stack_images(_file_bytes(files))
+
+
+def _directory_images(root: Path) -> list[Path]:
+    """The visible image files below ``root``, in sorted relative-path order.
+
+    Symbolic links are followed only within ``root``: a link to an image file elsewhere in
+    it reads that file, a link to a directory is not descended into (its images, if inside,
+    are read at their own path), and a link that is broken or leads outside ``root`` is
+    refused: a data source reads only its own files.
+    """
+    try:
+        inside = root.resolve(strict=True)
+        entries = sorted(_visible_entries(root), key=lambda path: path.relative_to(root).as_posix())
+    except (OSError, RuntimeError) as exc:
+        raise DataError(f"{root}: cannot list the directory: {exc}") from exc
+    return [path for path in entries if _is_image_file(path, root, inside)]
+
+
+def _visible_entries(root: Path) -> list[Path]:
+    """Every entry below ``root`` outside hidden folders, not descending into links to
+    folders. A folder that cannot be listed raises (``Path.rglob`` would skip it quietly,
+    and its images with it)."""
+
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    entries: list[Path] = []
+    for folder, dirnames, filenames in os.walk(root, onerror=fail):
+        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
+        entries += [Path(folder, name) for name in dirnames + filenames]
+    return entries
+
+
+def _is_image_file(path: Path, root: Path, inside: Path) -> bool:
+    """Whether a directory entry is a visible image file to read, refusing links that
+    leave the directory and image-named entries that are not files (a FIFO would hang)."""
+    parts = path.relative_to(root).parts
+    if _is_hidden(parts):
+        return False
+    image_name = _has_image_suffix(parts[-1])
+    if path.is_symlink() and (image_name or path.is_dir()):
+        _check_link_inside(path, inside)
+    if not image_name or path.is_dir():
+        return False
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file (a FIFO, socket or device), not an image")
+    return True
+
+
+def _check_link_inside(link: Path, inside: Path) -> None:
+    """Refuse a symbolic link that is broken or resolves outside the directory ``inside``."""
+    try:
+        target = link.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:  # a missing target, or a loop
+        raise DataError(f"{link}: broken symbolic link: {exc}") from exc
+    if not target.is_relative_to(inside):
+        raise DataError(
+            f"{link}: symbolic link to {target}, outside {inside}; a data source reads only "
+            "its own files (copy them in, e.g. with cp -L)"
+        )
 
 
 def _file_bytes(files: list[Path]) -> Iterator[tuple[str, bytes]]:
     """Yield ``(label, content)`` for each file, labelled by its path."""
     for path in files:
         try:
+            size = path.stat().st_size
+            if size > MAX_IMAGE_FILE_BYTES:
+                raise DataError(_too_large_file(str(path), size))
             content = path.read_bytes()
         except OSError as exc:
             raise DataError(f"{path}: cannot read the file: {exc}") from exc
         yield str(path), content
 
 
+def _too_large_file(label: str, size: int) -> str:
+    """The message for an image file larger than :data:`MAX_IMAGE_FILE_BYTES`."""
+    return (
+        f"{label}: {size:,} bytes, more than the {gib(MAX_IMAGE_FILE_BYTES)} an image file may take"
+    )
+
+
 def load_tar(path: Path) -> np.ndarray:
-    """Decode the image members of a tar archive in memory, in sorted member-name order."""
+    """Decode the image members of a tar archive in memory, in sorted member-name order.
+
+    Nothing is extracted: member names only sort and filter, so a name with ``..`` or a
+    leading ``/`` cannot write anywhere, and links resolve to other members of the same
+    archive, never to files on disk.
+    """
+    archive = _open_tar(path)
     try:
-        with tarfile.open(path, "r:*") as archive:
-            members = sorted(
-                (m for m in archive.getmembers() if m.isfile() and _is_image_name(m.name)),
-                key=lambda member: member.name,
-            )
+        with archive:
+            members = _tar_image_members(path, archive)
             if not members:
                 raise DataError(
                     f"{path}: archive contains no image files ({' '.join(IMAGE_SUFFIXES)})"
                 )
             return _stack_images(_tar_member_bytes(path, archive, members))
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
         raise DataError(f"{path}: cannot read the archive: {exc}") from exc
 
 
+def _open_tar(path: Path) -> tarfile.TarFile:
+    """Open a plain or compressed tar archive, refusing anything else in one line
+    (tarfile's own message lists every method it tried, over five lines)."""
+    try:
+        return tarfile.open(path, "r:*")
+    except tarfile.ReadError as exc:
+        raise DataError(
+            f"{path}: not a readable tar archive (plain, or compressed with gzip, bzip2 or "
+            "xz): another format, or truncated or corrupt"
+        ) from exc
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        raise DataError(f"{path}: cannot read the archive: {exc}") from exc
+
+
+def _tar_image_members(path: Path, archive: tarfile.TarFile) -> list[tuple[str, tarfile.TarInfo]]:
+    """The image members of an archive as ``(normalised name, member)``, sorted by name.
+
+    Members are read one header at a time, so the archive's total content is checked
+    against :data:`MAX_SOURCE_BYTES` before a huge member is decompressed (even only to
+    skip it).
+    """
+    total = 0
+    chosen: dict[str, tarfile.TarInfo] = {}
+    for member in archive:
+        total += member.size
+        if total > MAX_SOURCE_BYTES:
+            raise DataError(
+                f"{path}: the archive's content passes {gib(MAX_SOURCE_BYTES)} uncompressed "
+                f"at member {member.name}; that is the most a data source may hold"
+            )
+        name = _tar_image_name(path, member)
+        if name is None:
+            continue
+        if name in chosen:
+            raise DataError(
+                f"{member.name} in {path}: a second member named {name}; which one is meant "
+                "is ambiguous (tar x keeps the last, a listing shows both)"
+            )
+        chosen[name] = member
+    _check_tar_end(path, archive)
+    return sorted(chosen.items())
+
+
+def _check_tar_end(path: Path, archive: tarfile.TarFile) -> None:
+    """Refuse an archive whose member list did not end at an end-of-archive marker.
+
+    tarfile ends the list quietly at the first header it cannot parse, or at the end of
+    the data, so a truncated or corrupt archive would yield its first images as if they
+    were all. ``archive.offset`` is where tarfile stopped: there must be a zero block.
+    """
+    archive.fileobj.seek(archive.offset)
+    if archive.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+        raise DataError(
+            f"{path}: truncated or corrupt: no valid member header or end-of-archive marker "
+            f"at byte {archive.offset:,} (after {len(archive.members)} members)"
+        )
+
+
+def _tar_image_name(path: Path, member: tarfile.TarInfo) -> str | None:
+    """The normalised name of an image member (``./a/b.png`` -> ``a/b.png``), or None
+    for a member that is no image: another suffix, hidden, or a directory.
+
+    Raises
+    ------
+    DataError
+        For an image name with ``..`` (it would leave the archive if extracted), an image
+        member that is not a file or link (a device, a FIFO), or one too large to read.
+    """
+    parts = [part for part in member.name.split("/") if part not in ("", ".")]
+    if not parts or not _has_image_suffix(parts[-1]) or member.isdir():
+        return None
+    label = f"{member.name} in {path}"
+    if ".." in parts:
+        raise DataError(f"{label}: the member name leads outside the archive ('..')")
+    if _is_hidden(parts):
+        return None
+    if not (member.isfile() or member.islnk() or member.issym()):
+        raise DataError(f"{label}: not a regular file (a device or FIFO), not an image")
+    if member.size > MAX_IMAGE_FILE_BYTES:
+        raise DataError(_too_large_file(label, member.size))
+    return "/".join(parts)
+
+
 def _tar_member_bytes(
-    path: Path, archive: tarfile.TarFile, members: list[tarfile.TarInfo]
+    path: Path, archive: tarfile.TarFile, members: list[tuple[str, tarfile.TarInfo]]
 ) -> Iterator[tuple[str, bytes]]:
-    """Yield ``(label, content)`` for each tar member, labelled by member and archive."""
-    for member in members:
-        handle = archive.extractfile(member)
-        if handle is None:  # pragma: no cover - isfile() members always have content
-            raise DataError(f"{member.name} in {path}: cannot read the member")
+    """Yield ``(label, content)`` for each tar member, labelled by member and archive.
+
+    A hard or symbolic link reads the member it names, looked up in the archive itself
+    (tarfile never follows a link onto the disk); reading stops past
+    :data:`MAX_IMAGE_FILE_BYTES`, as a link's own header does not tell its target's size.
+    """
+    for _, member in members:
+        label = f"{member.name} in {path}"
+        try:
+            handle = archive.extractfile(member)
+        except KeyError as exc:
+            raise DataError(
+                f"{label}: a link to {member.linkname}, which is not in the archive before it"
+            ) from exc
+        if handle is None:
+            raise DataError(f"{label}: a link to {member.linkname}, which is not a file")
         with handle:
-            yield f"{member.name} in {path}", handle.read()
+            yield label, _read_capped(label, handle)
+
+
+def _read_capped(label: str, handle: BinaryIO) -> bytes:
+    """Read a member in small chunks, stopping past :data:`MAX_IMAGE_FILE_BYTES` (one
+    ``read(limit)`` would allocate the whole limit up front, for every image)."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := handle.read(_READ_CHUNK):
+        size += len(chunk)
+        if size > MAX_IMAGE_FILE_BYTES:
+            raise DataError(_too_large_file(label, size))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ---------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------
 
 
 def _stack_images(items: Iterable[tuple[str, bytes]]) -> np.ndarray:
     """Decode encoded images of one size into ``(N, H, W, C)``.
 
     The result is grayscale (``C == 1``) when every image is grayscale, else RGB, with
-    grayscale images repeated over three channels.
+    grayscale images repeated over three channels. The decoded pixels, and the stacked
+    result, may take at most :data:`MAX_SOURCE_BYTES`.
     """
     arrays: list[np.ndarray] = []
     first_label = ""
+    total = 0
     for label, content in items:
         array = _decode_image(label, content)
         if arrays and array.shape[:2] != arrays[0].shape[:2]:
@@ -220,10 +349,22 @@ def _stack_images(items: Iterable[tuple[str, bytes]]) -> np.ndarray:
             )
         if not arrays:
             first_label = label
+        total += array.nbytes
+        _check_decoded_size(label, total)
         arrays.append(array)
     if all(array.ndim == 2 for array in arrays):
         return np.stack(arrays)[..., np.newaxis]
+    _check_decoded_size(first_label, arrays[0].shape[0] * arrays[0].shape[1] * 3 * len(arrays))
     return np.stack([_as_rgb(array) for array in arrays])
+
+
+def _check_decoded_size(label: str, total: int) -> None:
+    """Refuse a source whose decoded images pass :data:`MAX_SOURCE_BYTES`."""
+    if total > MAX_SOURCE_BYTES:
+        raise DataError(
+            f"{label}: the images decoded up to here take {total:,} bytes, more than the "
+            f"{gib(MAX_SOURCE_BYTES)} a data source may hold"
+        )
 
 
 def _size_text(array: np.ndarray) -> str:
@@ -239,27 +380,79 @@ def _as_rgb(array: np.ndarray) -> np.ndarray:
 
 
 def _decode_image(label: str, content: bytes) -> np.ndarray:
-    """Decode one image to ``uint8`` ``(H, W)`` if grayscale, else ``(H, W, 3)``."""
+    """Decode one image (its first frame) to ``uint8`` ``(H, W)`` if grayscale, else
+    ``(H, W, 3)``, upright by its EXIF orientation."""
+    if not content:
+        raise DataError(f"{label}: the file is empty (0 bytes)")
     try:
-        with Image.open(io.BytesIO(content)) as image:
+        with warnings.catch_warnings():  # Pillow only warns up to twice its pixel limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(content), formats=IMAGE_FORMATS)
+        with opened as image:
+            _check_pixels(label, image)
             image.load()
-            return _image_to_array(label, image)
+            return _image_to_array(label, _upright(image))
     except DataError:
         raise
     except UnidentifiedImageError as exc:  # its message names only an in-memory buffer
-        raise DataError(f"{label}: cannot decode the image: not an image Pillow can read") from exc
+        raise DataError(
+            f"{label}: cannot decode the image: not a {_format_list()} image Pillow can read"
+        ) from exc
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
         raise DataError(f"{label}: cannot decode the image: {exc}") from exc
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned by its EXIF orientation, as a viewer (and the service) shows it;
+    the image itself when it has none (a copy per image would slow large sets)."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+        return image
+    return ImageOps.exif_transpose(image) or image
+
+
+def _format_list() -> str:
+    """``PNG, JPEG, ... or TIFF`` for messages."""
+    return f"{', '.join(IMAGE_FORMATS[:-1])} or {IMAGE_FORMATS[-1]}"
+
+
+def _check_pixels(label: str, image: Image.Image) -> None:
+    """Refuse, before decoding, an image over Pillow's decompression-bomb pixel limit
+    (where Pillow itself would only print a warning and decode it)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = image.size
+    if limit is not None and width * height > limit:
+        raise DataError(
+            f"{label}: the image is {width}x{height} = {width * height:,} pixels, more than "
+            f"Pillow's limit of {limit:,} (a decompression bomb?)"
+        )
+
+
 def _image_to_array(label: str, image: Image.Image) -> np.ndarray:
-    """Convert a decoded Pillow image to ``uint8`` gray ``(H, W)`` or RGB ``(H, W, 3)``."""
+    """Convert a decoded Pillow image to ``uint8`` gray ``(H, W)`` or RGB ``(H, W, 3)``,
+    as the service converts an upload (``service/imaging.py``)."""
     mode = image.mode
     if mode in _SIXTEEN_BIT_MODES:
-        # Pillow's convert("L") clips 16-bit values; keep the high byte instead.
-        return (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
-    if mode in _GRAY_MODES:
-        return np.asarray(image.convert("L"), dtype=np.uint8)
+        return _sixteen_to_eight_bit(image)
     if mode in ("I", "F"):
         raise DataError(f"{label}: unsupported {mode!r} image mode (32-bit pixels)")
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        rgb = _composite_on_black(image)
+        return rgb[..., 0] if mode in ("LA", "La") else rgb
+    if mode in _GRAY_MODES:
+        return np.asarray(image.convert("L"), dtype=np.uint8)
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _sixteen_to_eight_bit(image: Image.Image) -> np.ndarray:
+    """16-bit gray to 8 bits, rounding ``value / 257`` (Pillow's ``convert("L")`` would
+    clip everything above 255 to white)."""
+    values = np.asarray(image).astype(np.float64)
+    return np.rint(values / _SIXTEEN_BIT_STEP).astype(np.uint8)
+
+
+def _composite_on_black(image: Image.Image) -> np.ndarray:
+    """RGB ``(H, W, 3)`` of an image with alpha or palette transparency over black:
+    dropping the alpha would show whatever colour transparent pixels happen to store."""
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+    return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"), dtype=np.uint8)
