@@ -146,14 +146,16 @@ def main() -> None:
     args = parser.parse_args()
     base = f"http://127.0.0.1:{args.port}"
     spin = "while True: pass"
-    busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(args.busy_loops)]
-    process = start_server(args.port)
-    try:
+    started: list[subprocess.Popen] = []  # the busy loops, then the server
+    try:  # a server that never gets ready must not leave the busy loops spinning
+        for _ in range(args.busy_loops):
+            started.append(subprocess.Popen([sys.executable, "-c", spin]))
+        started.append(process := start_server(args.port))
         abandoned_batches(base, gray_png())
         unread_body_after_401(args.port)
         sigterm_during_samples(base, process)
     finally:
-        for running in (process, *busy):
+        for running in started:
             if running.poll() is None:
                 running.kill()
 

@@ -66,16 +66,20 @@ async def await_unless(work: Awaitable[T], stop: Callable[[], Awaitable[Exceptio
     Cancelling a job of the model thread that has not started removes it from the queue;
     one already running finishes there, unseen. Cancelling a micro-batcher submission
     cancels its images' futures, and the batcher skips images whose future is done.
+    The work is cancelled too when this is (the server cancels a request at the end of
+    its grace period) or when ``stop()`` raises: it is never left running for nobody.
     """
     task = asyncio.ensure_future(work)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=POLL_S)
-        if done:
-            return task.result()
-        reason = await stop()
-        if reason is not None:
-            task.cancel()
-            raise reason
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=POLL_S)
+            if done:
+                return task.result()
+            reason = await stop()
+            if reason is not None:
+                raise reason
+    finally:
+        task.cancel()  # nothing for finished work
 
 
 StepGuard = Callable[[int, Callable[[], Awaitable[T]]], Awaitable[T]]

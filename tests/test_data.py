@@ -537,6 +537,16 @@ def test_image_member_that_cannot_be_read_as_one_is_refused(
         load_images(str(write_tar(tmp_path / "set.tar", members)))
 
 
+def test_symbolic_links_in_a_loop_are_refused_in_one_line(tmp_path: Path) -> None:
+    """tarfile follows a symbolic link member by recursing: a loop was a RecursionError."""
+    members = [tar_header("a.png", tarfile.SYMTYPE, "b.png")]
+    members.append(tar_header("b.png", tarfile.SYMTYPE, "a.png"))
+    with pytest.raises(
+        DataError, match=r"a\.png in .*a link to b\.png in a chain of links that loops"
+    ):
+        load_images(str(write_tar(tmp_path / "set.tar", members)))
+
+
 def test_archive_member_too_large_for_an_image_is_refused_before_reading(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -740,6 +750,14 @@ def test_path_too_long_to_look_up_is_refused_naming_it(tmp_path: Path, suffix: s
     for check in (check_spec, load_images):
         with pytest.raises(DataError, match=r"x{300}\.npz: cannot look up the path"):
             check(f"{path}{suffix}")
+
+
+@pytest.mark.parametrize("suffix", ["", "@0:1"])
+def test_path_with_a_nul_byte_is_refused_naming_it(suffix: str) -> None:
+    """No path can hold a NUL byte: os.stat raised ValueError, not a DataError."""
+    for check in (check_spec, load_images):
+        with pytest.raises(DataError, match=r"'d\\x00\.npz': not a path"):
+            check(f"d\x00.npz{suffix}")
 
 
 def test_existing_path_with_at_sign_is_taken_verbatim(tmp_path: Path) -> None:

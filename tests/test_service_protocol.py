@@ -334,6 +334,24 @@ def test_an_abandoned_batch_is_dropped_from_the_queue(
     assert asyncio.run(scenario()) == (expected, True, True)
 
 
+def test_work_is_cancelled_with_the_request_that_waits_for_it() -> None:
+    """When the server cancels a request (the end of its grace period), the batch or step
+    it waited for is cancelled too, not left pending to be scored for nobody."""
+    from service.cancellation import unless_stopped
+
+    async def scenario() -> bool:
+        never = asyncio.get_running_loop().create_future()
+        request = FakeRequest(False, disconnected=False)
+        waiting = asyncio.ensure_future(unless_stopped(request, never))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        return never.cancelled()
+
+    assert asyncio.run(scenario())
+
+
 def test_steps_one_at_a_time_give_the_same_sample(client: TestClient) -> None:
     """The service's step-by-step sampler draws what VAEBM.sample draws: the same random
     stream in the same order, so the same images up to float rounding (the two run on

@@ -175,8 +175,8 @@ def _apply_slice(spec: str, images: np.ndarray, index: slice) -> np.ndarray:
             f"{spec}: the slice selects no images of the {count} (START must come before "
             "STOP, and within the images)"
         )
-    wanted = (index.stop if index.stop is not None else count) - (index.start or 0)
-    if index.start is not None and index.stop is not None and wanted > selected.shape[0] > 0:
+    bounded = index.start is not None and index.stop is not None
+    if bounded and index.stop - index.start > selected.shape[0]:
         logger.warning(
             "%s: the source has %d images, so the slice gives %d", spec, count, len(selected)
         )
@@ -345,7 +345,7 @@ def _exists(spec: str) -> bool:
     ``~user``, a name too long) does not, and is refused when loaded as a path."""
     try:
         return Path(spec).expanduser().exists()
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, ValueError):  # ValueError: a NUL byte in the name
         return False
 
 
@@ -363,6 +363,8 @@ def _path_loader(path: Path) -> Callable[[Path], np.ndarray]:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             raise DataError(f"{path} does not exist (supported sources: {_SUPPORTED})") from exc
         raise DataError(f"{path}: cannot look up the path: {exc.strerror}") from exc
+    except ValueError as exc:  # a NUL byte, which no path can hold
+        raise DataError(f"{str(path)!r}: not a path: {exc}") from exc
     if stat.S_ISDIR(mode):
         return load_directory
     if not stat.S_ISREG(mode):  # reading a FIFO would hang, /dev/zero would never end

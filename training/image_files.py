@@ -306,6 +306,10 @@ def _tar_member_bytes(
             raise DataError(
                 f"{label}: a link to {member.linkname}, which is not in the archive before it"
             ) from exc
+        except RecursionError as exc:  # tarfile follows symbolic links by recursing
+            raise DataError(
+                f"{label}: a link to {member.linkname} in a chain of links that loops"
+            ) from exc
         if handle is None:
             raise DataError(f"{label}: a link to {member.linkname}, which is not a file")
         with handle:
