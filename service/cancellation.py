@@ -82,59 +82,48 @@ async def await_unless(work: Awaitable[T], stop: Callable[[], Awaitable[Exceptio
         task.cancel()  # nothing for finished work
 
 
-StepGuard = Callable[[int, Callable[[], Awaitable[T]]], Awaitable[T]]
+def step_check(request: Request, what: str, total: int) -> Callable[[int], Awaitable[None]]:
+    """A check to call before each of ``total`` steps: raises ShuttingDown (503) when a
+    shutdown cannot wait for one more step and ClientGone (499) once the client has
+    disconnected, saying how far the work got.
 
-
-def step_guard(request: Request, what: str, total: int) -> StepGuard:
-    """Runs each of ``total`` steps (``guard(done, start_step)``), stopping the work with
-    ShuttingDown (503) when a shutdown cannot wait for it and with ClientGone (499) once
-    the client has disconnected.
-
-    Before a step, the shutdown check (``app.state.draining``, a :class:`ShutdownDeadline`
-    under ``vaebm serve``) is told the slowest step so far, the time from one step's
-    start to the next: a step waits its turn on the model thread behind other requests'
-    jobs, and on a busy two-core machine steps of two concurrent samples took from one to
-    six seconds. While a step runs, both checks are polled, so a step that runs long does
-    not hold the response past the grace period.
+    The shutdown check (``app.state.draining``, a :class:`ShutdownDeadline` under ``vaebm
+    serve``) is told the slowest step so far, the time from one check to the next: a step
+    waits its turn on the model thread behind other requests' jobs, and on a busy two-core
+    machine steps of two concurrent samples took from one to six seconds. A step that runs
+    longer than that is stopped by :func:`unless_stopped` around the whole work.
     """
     slowest_step_s = 0.0
-    last_start: float | None = None
+    last_check: float | None = None
 
-    async def stop_reason(done: int, next_step_s: float) -> Exception | None:
-        progress = f"{what} stopped after {done} of {total} steps"
-        if request.app.state.draining(next_step_s):
-            return ShuttingDown(f"the service is shutting down; {progress}; retry later")
-        if await request.is_disconnected():
-            return ClientGone(f"the client left; {progress}")
-        return None
-
-    async def guard(done: int, start_step: Callable[[], Awaitable[T]]) -> T:
-        nonlocal slowest_step_s, last_start
+    async def check(done: int) -> None:
+        nonlocal slowest_step_s, last_check
         now = time.monotonic()
-        if last_start is not None:
-            slowest_step_s = max(slowest_step_s, now - last_start)
-        last_start = now
-        reason = await stop_reason(done, slowest_step_s)
-        if reason is not None:
-            raise reason
-        return await await_unless(start_step(), lambda: stop_reason(done, 0.0))
+        if last_check is not None:
+            slowest_step_s = max(slowest_step_s, now - last_check)
+        last_check = now
+        progress = f"{what} stopped after {done} of {total} steps"
+        if request.app.state.draining(slowest_step_s):
+            raise ShuttingDown(f"the service is shutting down; {progress}; retry later")
+        if await request.is_disconnected():
+            raise ClientGone(f"the client left; {progress}")
 
-    return guard
+    return check
 
 
-async def unless_stopped(request: Request, work: Awaitable[T]) -> T:
-    """``await work``, but cancel it (its images not yet scored are dropped, see
-    :func:`await_unless`) and raise ClientGone if the client disconnects, or ShuttingDown
-    when a shutdown can wait no longer (a batch queued behind long work would otherwise
-    be cancelled by the server: a 500)."""
+async def unless_stopped(
+    request: Request, work: Awaitable[T], unfinished: str = "the images not yet scored were dropped"
+) -> T:
+    """``await work``, but cancel it (see :func:`await_unless`) and raise ClientGone if the
+    client disconnects, or ShuttingDown when a shutdown can wait no longer (work queued
+    behind a long job would otherwise be cancelled by the server: a 500). ``unfinished``
+    says in the problem's detail what was given up."""
 
     async def stop() -> Exception | None:
         if request.app.state.draining():
-            return ShuttingDown(
-                "the service is shutting down; the images not yet scored were dropped; retry later"
-            )
+            return ShuttingDown(f"the service is shutting down; {unfinished}; retry later")
         if await request.is_disconnected():
-            return ClientGone("the client left; its images not yet scored were dropped")
+            return ClientGone(f"the client left; {unfinished}")
         return None
 
     return await await_unless(work, stop)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,7 +25,6 @@ from model.likelihood import to_uint8
 from model.scores import forward_pass_sizes, score_in_batches
 from model.vaebm import VAEBM, NoiseState
 from service.batching import MicroBatcher
-from service.cancellation import StepGuard
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
@@ -90,24 +89,24 @@ class ModelRuntime:
         step_size: float,
         seed: int,
         *,
-        guard_step: StepGuard | None = None,
+        before_step: Callable[[int], Awaitable[None]] | None = None,
     ) -> np.ndarray:
         """n samples as uint8 (n, C, H, W); the same seed gives the same images.
 
         Each Langevin step is its own job on the model thread, so scoring batches that
         arrive meanwhile run between two steps: a long sample delays ``/score`` by one
-        step, not by the whole chain. ``guard_step(done, start_step)`` runs every step and
-        may stop the work by raising (``service.cancellation.step_guard``).
+        step, not by the whole chain. ``before_step(done)`` runs before every step and
+        may stop the work by raising (``service.cancellation.step_check``).
         """
         noise, generator = await self.run(self.model.start_chains, n, seed)
         for done in range(steps):
-            start_step = partial(
-                self.run,
+            if before_step is not None:
+                await before_step(done)
+            noise = await self.run(
                 partial(
                     self.model.langevin, noise, steps=1, step_size=step_size, generator=generator
-                ),
+                )
             )
-            noise = await (start_step() if guard_step is None else guard_step(done, start_step))
         return await self.run(self._chain_images_uint8, noise)
 
     def _chain_images_uint8(self, noise: NoiseState) -> np.ndarray:

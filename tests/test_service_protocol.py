@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
-from service.cancellation import ShutdownDeadline, step_guard
+from service.cancellation import ShutdownDeadline, step_check, unless_stopped
 from service.errors import ClientGone, ProblemError
 from service.middleware import MAX_JSON_BYTES, BodyLimitsMiddleware, route_template
 from tests.test_service_api import assert_problem, png, settings_for
@@ -224,14 +224,13 @@ def test_a_sample_stops_when_its_client_is_gone(client: TestClient) -> None:
     runtime = client.app.state.runtime
     asked: list[int] = []
 
-    async def gone_after_three(done: int, start_step):
+    async def gone_after_three(done: int) -> None:
         asked.append(done)
         if done == 3:
             raise ClientGone(f"the client left; sampling stopped after {done} of 40 steps")
-        return await start_step()
 
     async def draw() -> None:
-        await runtime.sample_uint8(2, 40, 1e-3, 5, guard_step=gone_after_three)
+        await runtime.sample_uint8(2, 40, 1e-3, 5, before_step=gone_after_three)
 
     with pytest.raises(ClientGone, match="sampling stopped after 3 of 40 steps"):
         client.portal.call(draw)
@@ -239,8 +238,8 @@ def test_a_sample_stops_when_its_client_is_gone(client: TestClient) -> None:
 
 
 class FakeRequest:
-    """What ``step_guard`` reads of a request: the app's draining check (asked with the
-    next step's expected seconds, which it records), the connection."""
+    """What ``step_check`` and ``unless_stopped`` read of a request: the app's draining
+    check (asked with the next step's expected seconds, which it records), the connection."""
 
     def __init__(self, draining: bool | Callable[[], bool], disconnected: bool) -> None:
         self.asked_with: list[float] = []
@@ -256,41 +255,39 @@ class FakeRequest:
         return self.disconnected
 
 
-async def a_step(seconds: float = 0.0, result: str = "stepped") -> str:
-    await asyncio.sleep(seconds)
-    return result
-
-
 @pytest.mark.parametrize(
     ("draining", "disconnected", "expected"),
     [(False, False, None), (False, True, 499), (True, False, 503), (True, True, 503)],
 )
-def test_step_guard_stops_for_a_shutdown_or_a_departed_client(
+def test_step_check_stops_for_a_shutdown_or_a_departed_client(
     draining: bool, disconnected: bool, expected: int | None
 ) -> None:
-    guard = step_guard(FakeRequest(draining, disconnected), "sampling", 10)  # type: ignore[arg-type]
+    check = step_check(FakeRequest(draining, disconnected), "sampling", 10)  # type: ignore[arg-type]
     if expected is None:
-        assert asyncio.run(guard(4, a_step)) == "stepped"
+        asyncio.run(check(4))
         return
     with pytest.raises(ProblemError) as caught:
-        asyncio.run(guard(4, a_step))
+        asyncio.run(check(4))
     assert caught.value.status == expected
     assert "sampling stopped after 4 of 10 steps" in caught.value.detail
 
 
-def test_a_step_running_past_the_deadline_is_abandoned_with_a_503() -> None:
+def test_work_running_past_the_deadline_is_abandoned_with_a_503() -> None:
     """Under load one Langevin step took up to six seconds: a shutdown whose deadline came
     during it let uvicorn cancel the request (a 500 with a traceback), not a 503."""
     deadline_passed = [False]
     request = FakeRequest(lambda: deadline_passed[0], disconnected=False)
-    guard = step_guard(request, "sampling", 10)  # type: ignore[arg-type]
 
     async def scenario() -> asyncio.Task:
-        step = asyncio.ensure_future(a_step(60.0))
+        step = asyncio.ensure_future(asyncio.sleep(60.0))
         asyncio.get_running_loop().call_later(0.3, deadline_passed.__setitem__, 0, True)
         with pytest.raises(ProblemError) as caught:
-            await asyncio.wait_for(guard(0, lambda: step), timeout=10)
+            work = unless_stopped(request, step, "the sample was not finished")  # type: ignore[arg-type]
+            await asyncio.wait_for(work, timeout=10)
         assert caught.value.status == 503
+        assert caught.value.detail == (
+            "the service is shutting down; the sample was not finished; retry later"
+        )
         await asyncio.sleep(0)  # let the cancellation land
         return step
 
@@ -299,19 +296,17 @@ def test_a_step_running_past_the_deadline_is_abandoned_with_a_503() -> None:
 
 def test_the_shutdown_check_is_told_the_slowest_step_so_far() -> None:
     request = FakeRequest(False, disconnected=False)
-    guard = step_guard(request, "sampling", 3)  # type: ignore[arg-type]
+    check = step_check(request, "sampling", 3)  # type: ignore[arg-type]
 
     async def three_steps() -> None:
         for done, seconds in enumerate((0.1, 0.02, 0.0)):
-            await guard(done, lambda seconds=seconds: a_step(seconds))
+            await check(done)
+            await asyncio.sleep(seconds)
 
     asyncio.run(three_steps())
-    # before each step the check is told the slowest step so far; polls during a step
-    # (only if the machine stalls past POLL_S) ask with 0
-    first, *later = request.asked_with
-    before_steps = [first, *(asked for asked in later if asked > 0)]
-    assert len(before_steps) == 3 and before_steps[0] == 0.0  # nothing measured yet
-    assert before_steps[1] >= 0.1 and before_steps[2] == before_steps[1]  # the slowest kept
+    first, second, third = request.asked_with
+    assert first == 0.0  # nothing measured before the first step
+    assert second >= 0.1 and third == second  # the slowest step is kept
 
 
 @pytest.mark.parametrize(
@@ -322,7 +317,6 @@ def test_an_abandoned_batch_is_dropped_from_the_queue(
 ) -> None:
     """unless_stopped cancels the submission when the client leaves or the shutdown can
     wait no longer; the batcher skips cancelled images."""
-    from service.cancellation import unless_stopped
 
     async def scenario() -> tuple[int, bool, bool]:
         never = asyncio.get_running_loop().create_future()  # a batch that never comes back
@@ -337,7 +331,6 @@ def test_an_abandoned_batch_is_dropped_from_the_queue(
 def test_work_is_cancelled_with_the_request_that_waits_for_it() -> None:
     """When the server cancels a request (the end of its grace period), the batch or step
     it waited for is cancelled too, not left pending to be scored for nobody."""
-    from service.cancellation import unless_stopped
 
     async def scenario() -> bool:
         never = asyncio.get_running_loop().create_future()

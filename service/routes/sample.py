@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from model.grid import encode_png, image_grid
-from service.cancellation import step_guard
+from service.cancellation import step_check, unless_stopped
 from service.deps import MetricsDep, RuntimeDep, SettingsDep
 from service.errors import ProblemError, field_error, validation_problem
 from service.routes.common import PROBLEM_RESPONSES, problem_doc
@@ -91,8 +91,11 @@ async def sample(
     seed = body.seed if body.seed is not None else secrets.randbelow(2**63)
     step_size = body.step_size or runtime.info.langevin_step_size
     started = time.perf_counter()
-    images = await runtime.sample_uint8(
-        body.n, body.steps, step_size, seed, guard_step=step_guard(request, "sampling", body.steps)
+    check = step_check(request, "sampling", body.steps)
+    images = await unless_stopped(
+        request,
+        runtime.sample_uint8(body.n, body.steps, step_size, seed, before_step=check),
+        unfinished="the sample was not finished",
     )
     metrics.inference_latency.labels("sample").observe(time.perf_counter() - started)
     channels, height, width = runtime.image_shape
