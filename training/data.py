@@ -24,8 +24,8 @@ a directory
     Image files (``.png .jpg .jpeg .bmp .gif .webp .tif .tiff``, holding PNG, JPEG, BMP, GIF,
     WebP or TIFF) found recursively, e.g. in class subfolders, read in sorted path order.
     Hidden files and folders (names starting with ``.``) and files of other names are
-    skipped. Symbolic links are followed within the directory only: one that is broken or
-    leads outside it is refused, and links to folders are not descended into.
+    skipped. Symbolic links are followed wherever they lead, each real folder read once; a
+    broken link with an image's name is refused.
 a ``.tar``, ``.tar.gz`` or ``.tgz`` archive
     Image members read in memory (nothing is extracted), in sorted member-name order (a
     leading ``./`` or ``/`` ignored), with the same rules as a directory; other members are

@@ -109,61 +109,52 @@ def load_directory(root: Path) -> np.ndarray:
 def _directory_images(root: Path) -> list[Path]:
     """The visible image files below ``root``, in sorted relative-path order.
 
-    Symbolic links are followed only within ``root``: a link to an image file elsewhere in
-    it reads that file, a link to a directory is not descended into (its images, if inside,
-    are read at their own path), and a link that is broken or leads outside ``root`` is
-    refused: a data source reads only its own files.
+    Symbolic links are followed wherever they lead, to files and to folders (a folder of
+    links is a common way to name a subset of a dataset); a folder reached twice, through
+    a link or a loop, is read once; a broken link with an image's name is refused.
     """
     try:
-        inside = root.resolve(strict=True)
         entries = sorted(_visible_entries(root), key=lambda path: path.relative_to(root).as_posix())
     except (OSError, RuntimeError) as exc:
         raise DataError(f"{root}: cannot list the directory: {exc}") from exc
-    return [path for path in entries if _is_image_file(path, root, inside)]
+    return [path for path in entries if _is_image_file(path, root)]
 
 
 def _visible_entries(root: Path) -> list[Path]:
-    """Every entry below ``root`` outside hidden folders, not descending into links to
-    folders. A folder that cannot be listed raises (``Path.rglob`` would skip it quietly,
-    and its images with it)."""
+    """Every entry below ``root`` outside hidden folders, following links to folders but
+    entering each real folder once. A folder that cannot be listed raises (``Path.rglob``
+    would skip it quietly, and its images with it)."""
 
     def fail(exc: OSError) -> None:
         raise exc
 
     entries: list[Path] = []
-    for folder, dirnames, filenames in os.walk(root, onerror=fail):
-        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
-        entries += [Path(folder, name) for name in dirnames + filenames]
+    seen = {os.path.realpath(root)}
+    for folder, dirnames, filenames in os.walk(root, onerror=fail, followlinks=True):
+        kept = []
+        for name in sorted(dirnames):  # the first of two ways to a folder, in sorted order
+            real = os.path.realpath(os.path.join(folder, name))
+            if not name.startswith(".") and real not in seen:
+                seen.add(real)
+                kept.append(name)
+        dirnames[:] = kept
+        entries += [Path(folder, name) for name in filenames]
     return entries
 
 
-def _is_image_file(path: Path, root: Path, inside: Path) -> bool:
-    """Whether a directory entry is a visible image file to read, refusing links that
-    leave the directory and image-named entries that are not files (a FIFO would hang)."""
+def _is_image_file(path: Path, root: Path) -> bool:
+    """Whether a directory entry is a visible image file to read, refusing image-named
+    entries that are broken links or not files (a FIFO would hang)."""
     parts = path.relative_to(root).parts
-    if _is_hidden(parts):
+    if _is_hidden(parts) or not _has_image_suffix(parts[-1]):
         return False
-    image_name = _has_image_suffix(parts[-1])
-    if path.is_symlink() and (image_name or path.is_dir()):
-        _check_link_inside(path, inside)
-    if not image_name or path.is_dir():
+    if path.is_symlink() and not path.exists():
+        raise DataError(f"{path}: broken symbolic link to {os.readlink(path)}")
+    if path.is_dir():
         return False
     if not path.is_file():
         raise DataError(f"{path}: not a regular file (a FIFO, socket or device), not an image")
     return True
-
-
-def _check_link_inside(link: Path, inside: Path) -> None:
-    """Refuse a symbolic link that is broken or resolves outside the directory ``inside``."""
-    try:
-        target = link.resolve(strict=True)
-    except (OSError, RuntimeError) as exc:  # a missing target, or a loop
-        raise DataError(f"{link}: broken symbolic link: {exc}") from exc
-    if not target.is_relative_to(inside):
-        raise DataError(
-            f"{link}: symbolic link to {target}, outside {inside}; a data source reads only "
-            "its own files (copy them in, e.g. with cp -L)"
-        )
 
 
 def _file_bytes(files: list[Path]) -> Iterator[tuple[str, bytes]]:
@@ -260,7 +251,8 @@ def _check_tar_end(path: Path, archive: tarfile.TarFile) -> None:
     if archive.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
         raise DataError(
             f"{path}: truncated or corrupt: no valid member header or end-of-archive marker "
-            f"at byte {archive.offset:,} (after {len(archive.members)} members)"
+            f"at byte {archive.offset:,} (after {len(archive.members)} members); an archive "
+            "written without its end marker looks the same: `tar -cf` writes one"
         )
 
 
