@@ -25,13 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from model.pixels import to_gray_or_rgb
 from service.errors import ProblemError
 from service.settings import ResizePolicy
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 _GENERIC_MEDIA_TYPES = ("", "application/octet-stream", "binary/octet-stream")
-_ALPHA_MODES = ("LA", "La", "RGBA", "RGBa", "PA")
-_SIXTEEN_BIT_MAX = 65535.0
 # Formats whose frame count means reading every frame (PNG and WebP state it in the header)
 _SCANNED_FRAME_FORMATS = ("GIF", "TIFF")
 
@@ -150,44 +149,6 @@ def _load_first_frame(img: Image.Image) -> tuple[Image.Image, bool]:
     return (transposed if transposed is not None else img), orientation not in (1, None)
 
 
-def _to_eight_bit(img: Image.Image) -> tuple[Image.Image, str]:
-    """Map 16-bit integer and float modes to 8-bit L."""
-    arr = np.asarray(img)
-    if img.mode == "F":
-        arr = arr.astype(np.float64)
-        top = 1.0 if np.nanmax(arr, initial=0.0) <= 1.0 else 255.0
-        scaled = np.nan_to_num(arr, nan=0.0) * (255.0 / top)
-        note = f"float scaled from [0, {top:g}] to 8 bits"
-    else:  # I;16* or I (Pillow's 32-bit mode, used for 16-bit data)
-        scaled = np.clip(arr.astype(np.float64), 0, _SIXTEEN_BIT_MAX) / 257.0
-        note = "16-bit scaled to 8 bits"
-    out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-    return Image.fromarray(out, mode="L"), note
-
-
-def _composite_on_black(img: Image.Image) -> Image.Image:
-    rgba = img.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
-
-
-def _normalise_mode(img: Image.Image) -> tuple[Image.Image, list[str]]:
-    """Convert any mode to L or RGB (alpha composited on black)."""
-    mode = img.mode
-    if mode in ("L", "RGB"):
-        return img, []
-    if mode == "1":
-        return img.convert("L"), ["1-bit -> L"]
-    if mode.startswith("I") or mode == "F":
-        out, note = _to_eight_bit(img)
-        return out, [note]
-    if (mode == "P" and "transparency" in img.info) or mode in _ALPHA_MODES:
-        return _composite_on_black(img), [f"{mode} composited on black -> RGB"]
-    if mode == "P":
-        return img.convert("RGB"), ["palette -> RGB"]
-    return img.convert("RGB"), [f"{mode} -> RGB"]
-
-
 def _to_channels(img: Image.Image, channels: int) -> tuple[Image.Image, list[str]]:
     target = "L" if channels == 1 else "RGB"
     if img.mode == target:
@@ -240,7 +201,7 @@ def decode_image(
     _check_pixels(img, max_pixels)
     frames = _count_frames(img, data)
     img, transposed = _load_first_frame(img)
-    img, mode_steps = _normalise_mode(img)
+    img, mode_steps = to_gray_or_rgb(img)
     steps = _frames_step(frames) + mode_steps
     if channels == 1:  # fewer channels first, then resize one plane (training.data's order)
         img, more = _to_channels(img, channels)

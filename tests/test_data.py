@@ -302,6 +302,28 @@ def test_sixteen_bit_png_is_scaled_to_bytes_as_the_service_scales_it(tmp_path: P
     np.testing.assert_array_equal(images[0, 0, :, 0], np.rint(deep[0] / 257))  # 18 254 128 255
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.array([[0, 70000], [-5, 257 * 100]], dtype=np.int32),  # mode I: clipped, / 257
+        np.array([[0.0, 0.5], [1.0, 0.25]], dtype=np.float32),  # mode F in [0, 1]: * 255
+    ],
+    ids=["int32", "float"],
+)
+def test_32_bit_tiffs_load_as_the_service_decodes_them(tmp_path: Path, values: np.ndarray) -> None:
+    """Training refused modes I and F, which the service scores: a model could not be
+    calibrated on the kind of image it was asked about."""
+    from service.imaging import decode_image
+    from service.settings import ResizePolicy
+
+    Image.fromarray(values).save(tmp_path / "deep.tif")
+    loaded = load_images(str(tmp_path))[0, ..., 0]
+    upload = (tmp_path / "deep.tif").read_bytes()
+    served, _ = decode_image(upload, channels=1, size=2, max_pixels=4, resize=ResizePolicy.REJECT)
+    np.testing.assert_array_equal(loaded, served[0])
+    assert loaded.min() == 0 and loaded.max() == 255  # both ends of the scale reached
+
+
 def test_alpha_and_palette_transparency_are_composited_on_black(tmp_path: Path) -> None:
     rgba = np.full((2, 2, 4), 255, dtype=np.uint8)
     rgba[..., 3] = [[0, 128], [255, 0]]

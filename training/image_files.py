@@ -30,6 +30,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from model.pixels import to_gray_or_rgb
+
 __all__ = [
     "DataError",
     "IMAGE_FORMATS",
@@ -67,11 +69,7 @@ MAX_IMAGE_FILE_BYTES = 1 << 30
 """Largest image file read into memory (1 GiB): an uncompressed image at Pillow's pixel
 limit (89 million pixels) at 8 bytes a pixel (16-bit RGBA) takes 716 MB."""
 
-_GRAY_MODES = frozenset({"1", "L"})
-_ALPHA_MODES = frozenset({"LA", "La", "RGBA", "RGBa", "PA"})
-_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _READ_CHUNK = 1 << 16  # small image files: below malloc's mmap threshold
-_SIXTEEN_BIT_STEP = 257.0  # 65535 / 255: maps 0..65535 onto 0..255 exactly, as the service
 
 
 class DataError(ValueError):
@@ -387,7 +385,7 @@ def _decode_image(label: str, content: bytes) -> np.ndarray:
         with opened as image:
             _check_pixels(label, image)
             image.load()
-            return _image_to_array(label, _upright(image))
+            return _image_to_array(_upright(image))
     except DataError:
         raise
     except UnidentifiedImageError as exc:  # its message names only an in-memory buffer
@@ -423,32 +421,11 @@ def _check_pixels(label: str, image: Image.Image) -> None:
         )
 
 
-def _image_to_array(label: str, image: Image.Image) -> np.ndarray:
-    """Convert a decoded Pillow image to ``uint8`` gray ``(H, W)`` or RGB ``(H, W, 3)``,
-    as the service converts an upload (``service/imaging.py``)."""
-    mode = image.mode
-    if mode in _SIXTEEN_BIT_MODES:
-        return _sixteen_to_eight_bit(image)
-    if mode in ("I", "F"):
-        raise DataError(f"{label}: unsupported {mode!r} image mode (32-bit pixels)")
-    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
-        rgb = _composite_on_black(image)
-        return rgb[..., 0] if mode in ("LA", "La") else rgb
-    if mode in _GRAY_MODES:
-        return np.asarray(image.convert("L"), dtype=np.uint8)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
-def _sixteen_to_eight_bit(image: Image.Image) -> np.ndarray:
-    """16-bit gray to 8 bits, rounding ``value / 257`` (Pillow's ``convert("L")`` would
-    clip everything above 255 to white)."""
-    values = np.asarray(image).astype(np.float64)
-    return np.rint(values / _SIXTEEN_BIT_STEP).astype(np.uint8)
-
-
-def _composite_on_black(image: Image.Image) -> np.ndarray:
-    """RGB ``(H, W, 3)`` of an image with alpha or palette transparency over black:
-    dropping the alpha would show whatever colour transparent pixels happen to store."""
-    rgba = image.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-    return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"), dtype=np.uint8)
+def _image_to_array(image: Image.Image) -> np.ndarray:
+    """A decoded Pillow image as ``uint8`` gray ``(H, W)`` or RGB ``(H, W, 3)``, converted
+    as the service converts an upload (:func:`model.pixels.to_gray_or_rgb`)."""
+    converted, _ = to_gray_or_rgb(image)
+    array = np.asarray(converted, dtype=np.uint8)
+    if image.mode in ("LA", "La"):  # gray composited on black: one channel of three equal
+        return array[..., 0]
+    return array
