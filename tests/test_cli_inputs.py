@@ -309,7 +309,7 @@ def test_ctrl_c_during_training_is_one_line_and_exit_130(
         raise KeyboardInterrupt
 
     real_save = module._save
-    monkeypatch.setattr(module, "_save" if at_save else "batch_indices", interrupt)
+    monkeypatch.setattr(module, "_save" if at_save else "training_batch", interrupt)
     if module is train_vae_module:
         argv = ["train", "vae", "--out", tmp_path / "v", "--data", data, *VAE_FLAGS]
         argv += ["--steps", "4", "--checkpoint-every", "2"]
@@ -329,7 +329,7 @@ def test_ctrl_c_in_the_ebm_stage_of_train_all_keeps_the_finished_vae(
     def interrupt(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_ebm_module, "batch_indices", interrupt)
+    monkeypatch.setattr(train_ebm_module, "training_batch", interrupt)
     out = tmp_path / "all"
     argv = ["train", "all", "--out", out, "--data", data, *VAE_FLAGS, "--steps", "2"]
     argv += ["--ebm-energy-hidden", "8", "--ebm-steps", "1", "--ebm-batch-size", "8"]
@@ -346,7 +346,7 @@ def test_an_older_run_in_the_folder_is_not_reported_as_saved(
         raise KeyboardInterrupt
 
     out = copy_of(vae_run, tmp_path)  # holds a finished 2-step VAE run
-    monkeypatch.setattr(train_vae_module, "batch_indices", interrupt)
+    monkeypatch.setattr(train_vae_module, "training_batch", interrupt)
     argv = ["train", "vae", "--out", out, "--data", data, *VAE_FLAGS, "--steps", "4", "--overwrite"]
     code, text = run_cli(argv, capsys, caplog)
     assert code == 130 and "nothing of it is saved" in text
@@ -356,15 +356,15 @@ def test_ctrl_c_after_overwrite_advises_resume_in_its_place(
     vae_run, data, tmp_path, monkeypatch, capsys, caplog
 ):
     """ "Run the same command with --resume" kept --overwrite, which --resume refuses."""
-    real = train_vae_module.batch_indices
+    real = train_vae_module.training_batch
 
-    def interrupt_at_step_3(num_items, batch_size, step, seed, ctx):
+    def interrupt_at_step_3(images, step, *rest):
         if step == 3:
             raise KeyboardInterrupt
-        return real(num_items, batch_size, step, seed, ctx)
+        return real(images, step, *rest)
 
     out = copy_of(vae_run, tmp_path)
-    monkeypatch.setattr(train_vae_module, "batch_indices", interrupt_at_step_3)
+    monkeypatch.setattr(train_vae_module, "training_batch", interrupt_at_step_3)
     argv = ["train", "vae", "--out", out, "--data", data, *VAE_FLAGS, "--steps", "4"]
     code, text = run_cli([*argv, "--checkpoint-every", "1", "--overwrite"], capsys, caplog)
     assert code == 130

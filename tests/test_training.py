@@ -171,13 +171,13 @@ def kill_after_checkpoint(monkeypatch, module, step_position: int, at_step: int)
 def record_steps(monkeypatch, module) -> list[int]:
     """Record which global steps a run draws batches for."""
     steps: list[int] = []
-    real = module.batch_indices
+    real = module.training_batch
 
-    def recording(num_items, batch_size, step, seed, ctx):
+    def recording(images, step, *rest):
         steps.append(step)
-        return real(num_items, batch_size, step, seed, ctx)
+        return real(images, step, *rest)
 
-    monkeypatch.setattr(module, "batch_indices", recording)
+    monkeypatch.setattr(module, "training_batch", recording)
     return steps
 
 
@@ -1045,7 +1045,7 @@ def test_ctrl_c_after_resuming_names_the_checkpoint_it_resumed_from(
     def interrupt(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_vae_module, "batch_indices", interrupt)
+    monkeypatch.setattr(train_vae_module, "training_batch", interrupt)
     caplog.clear()
     assert main([*argv[:-1], "6", "--resume"]) == 130
     assert "nothing of it is saved" not in caplog.text
@@ -1056,14 +1056,14 @@ def test_an_interrupted_run_closes_its_progress_bar_before_the_error(
     tmp_path, data, ctx, monkeypatch, capsys
 ):
     """Else the CLI's error line was appended to the unfinished bar."""
-    real = train_vae_module.batch_indices
+    real = train_vae_module.training_batch
 
-    def interrupt_at_step_2(num_items, batch_size, step, seed, ctx):
+    def interrupt_at_step_2(images, step, *rest):
         if step == 2:
             raise KeyboardInterrupt
-        return real(num_items, batch_size, step, seed, ctx)
+        return real(images, step, *rest)
 
-    monkeypatch.setattr(train_vae_module, "batch_indices", interrupt_at_step_2)
+    monkeypatch.setattr(train_vae_module, "training_batch", interrupt_at_step_2)
     capsys.readouterr()
     try:
         train_vae(vae_args(tmp_path / "run", data), ctx)

@@ -31,6 +31,7 @@ from model.checkpoint import (
     read_config,
 )
 from model.device import select_device
+from model.likelihood import to_unit_range
 from training.flags import FlagError, flag_name
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,17 @@ def batch_indices(
     perm = torch.randperm(num_items, generator=generator)
     batch = perm[within * batch_size : (within + 1) * batch_size]
     return batch[ctx.rank :: ctx.world_size]
+
+
+def training_batch(
+    images: torch.Tensor, step: int, batch_size: int, seed: int, flip: bool, ctx: DistContext
+) -> torch.Tensor:
+    """This rank's share of training batch ``step`` (:func:`batch_indices`) of the uint8
+    ``images``, on the device in the model's unit range, randomly mirrored when ``flip``:
+    the positives both stages train on."""
+    idx = batch_indices(len(images), batch_size, step, seed, ctx)
+    batch = to_unit_range(images[idx].to(ctx.device))
+    return random_horizontal_flip(batch) if flip else batch
 
 
 def check_batches(num_items: int, batch_size: int, ctx: DistContext, prefix: str = "") -> None:

@@ -39,7 +39,6 @@ from training.runtime import (
     DistContext,
     DivergenceError,
     all_reduce_mean,
-    batch_indices,
     check_batches,
     check_finite,
     check_finite_weights,
@@ -51,13 +50,13 @@ from training.runtime import (
     dataclass_dict,
     load_state,
     progress_bar,
-    random_horizontal_flip,
     remove_stale_temp_files,
     restoring,
     rng_state,
     save_state,
     set_rng_state,
     state_digest,
+    training_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -315,10 +314,7 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext, prefix: str = "") -> dict:
         total=args.steps, initial=step, desc="ebm", disable=not ctx.is_main
     ) as progress:
         while step < args.steps:
-            idx = batch_indices(len(train_images), args.batch_size, step, args.seed, ctx)
-            x_pos = to_unit_range(train_images[idx].to(ctx.device))
-            if args.flip:
-                x_pos = random_horizontal_flip(x_pos)
+            x_pos = training_batch(train_images, step, args.batch_size, args.seed, args.flip, ctx)
             x_neg = negatives(model, len(x_pos), args, step, buffer)
             x_neg = with_shuffled_negatives(x_neg, x_pos, args.shuffled_negatives)
             batch = [x_pos, x_neg]

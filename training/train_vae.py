@@ -35,7 +35,6 @@ from training.runtime import (
     DistContext,
     DivergenceError,
     all_reduce_mean,
-    batch_indices,
     check_batches,
     check_finite,
     check_finite_weights,
@@ -46,12 +45,12 @@ from training.runtime import (
     dataclass_dict,
     load_state,
     progress_bar,
-    random_horizontal_flip,
     remove_stale_temp_files,
     restoring,
     rng_state,
     save_state,
     set_rng_state,
+    training_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -264,10 +263,7 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
         total=args.steps, initial=step, desc="vae", disable=not ctx.is_main
     ) as progress:
         while step < args.steps:
-            idx = batch_indices(len(train_images), args.batch_size, step, args.seed, ctx)
-            x = to_unit_range(train_images[idx].to(ctx.device))
-            if args.flip:
-                x = random_horizontal_flip(x)
+            x = training_batch(train_images, step, args.batch_size, args.seed, args.flip, ctx)
             terms = net(x)
             kl_weight = min(1.0, (step + 1) / max(args.kl_warmup_steps, 1))
             for group in optimizer.param_groups:  # cosine decay, a pure function of the step
