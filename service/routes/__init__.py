@@ -1,8 +1,8 @@
 """Every router of the service, gathered in :data:`api_router`.
 
 ``health`` is public; the others require an API key when keys are configured, and refuse
-query parameters they do not take. Every GET
-route also answers HEAD (HTTP asks it of servers, and load balancers probe with it).
+query parameters they do not take. Every GET route also answers HEAD (HTTP asks it of
+servers, and load balancers probe with it).
 """
 
 from __future__ import annotations
