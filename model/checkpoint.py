@@ -200,7 +200,9 @@ def _is_number(x: Any) -> bool:
     return (_is_int(x) or isinstance(x, float)) and math.isfinite(x)
 
 
-def _architecture(path: Path, config: dict[str, Any], key: str, cls: type) -> Any:
+def _architecture(
+    path: Path, config: dict[str, Any], key: str, cls: type[VAEConfig] | type[EnergyConfig]
+) -> Any:
     """``cls`` (VAEConfig or EnergyConfig) from config.json's section ``key``, each field
     checked against its type first: a string where a channel count belongs would
     otherwise fail deep in torch with a message naming neither the file nor the key."""

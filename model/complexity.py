@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import io
+from typing import Any
 
 import numpy as np
 from PIL import Image, features
@@ -39,7 +40,7 @@ def lossless_bits_per_dim(images: np.ndarray, codec: str = "png") -> np.ndarray:
     return encoded_bits_per_dim(images, options)
 
 
-def encoded_bits_per_dim(images: np.ndarray, save_options: dict[str, object]) -> np.ndarray:
+def encoded_bits_per_dim(images: np.ndarray, save_options: dict[str, Any]) -> np.ndarray:
     """Length of each uint8 (N, C, H, W) image saved by Pillow with ``save_options``
     (format included), bits per dimension, (N,) float64."""
     out = np.empty(len(images))

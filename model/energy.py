@@ -66,7 +66,7 @@ class EnergyNet(nn.Module):
         if config.head == "sum":
             self.pool: nn.Module = SumPool()
             last = nn.Linear(ch, 1)
-            self.head = last
+            self.head: nn.Module = last
         else:
             side = config.image_size // 2**config.num_downsamples
             self.pool = nn.Flatten()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -221,7 +222,7 @@ def score_in_batches(
     batch_size: int = 256,
     iwae_k: int = 16,
     seed: int = 0,
-    progress=None,
+    progress: Callable[[int], object] | None = None,
 ) -> dict[str, np.ndarray]:
     """compute_scores over any number of images, in forward passes of ``chunk_sizes``.
 

@@ -146,12 +146,18 @@ class VAE(nn.Module):
         if k > 1:
             x = x.repeat(k, 1, 1, 1)
             h_half, h_quarter = h_half.repeat(k, 1, 1, 1), h_quarter.repeat(k, 1, 1, 1)
-        terms = {"log_pz": 0.0, "log_qz": 0.0, "kl": 0.0}
+        terms = {name: x.new_zeros(x.shape[0]) for name in ("log_pz", "log_qz", "kl")}
 
-        def from_posterior(i, prior_mean, prior_log_scale, feat):
+        def from_posterior(
+            i: int,
+            prior_mean: torch.Tensor,
+            prior_log_scale: torch.Tensor,
+            feat: torch.Tensor | None,
+        ) -> torch.Tensor:
             if i == 0:
                 q = self.posterior_top(h_quarter)
             else:
+                assert feat is not None  # only the top group has no features above it
                 q = self.posterior_mid(torch.cat([h_half, feat], dim=1))
             q_mean, q_log_scale = q.chunk(2, dim=1)
             q_log_scale = soft_clamp(q_log_scale)
@@ -227,7 +233,12 @@ class VAE(nn.Module):
         is ``x = mu + exp(log_scale) * eps_x``.
         """
 
-        def from_prior(i, prior_mean, prior_log_scale, feat):
+        def from_prior(
+            i: int,
+            prior_mean: torch.Tensor,
+            prior_log_scale: torch.Tensor,
+            feat: torch.Tensor | None,
+        ) -> torch.Tensor:
             return prior_mean + torch.exp(prior_log_scale) * eps_z[i]
 
         _, mean, log_scale = self._top_down(from_prior, eps_z[0].shape[0])

@@ -8,6 +8,7 @@ service itself have a ``type`` URN naming the problem; plain HTTP errors (404, 4
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -124,7 +125,7 @@ def problem_response(
     title: str | None = None,
     instance: str | None = None,
     request_id: str | None = None,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> JSONResponse:
     """Build an ``application/problem+json`` response."""

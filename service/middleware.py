@@ -130,9 +130,9 @@ def route_template(scope: Scope) -> str:
     no path parameters). Any other path becomes ``"unmatched"``, never the raw path,
     which would be an unbounded label.
     """
-    route = scope.get("route")
-    if getattr(route, "path", None):
-        return route.path
+    route_path = getattr(scope.get("route"), "path", None)
+    if route_path:
+        return route_path
     app = scope.get("app")
     path = scope["path"].removeprefix(scope.get("root_path", ""))  # behind a proxy prefix
     if app is not None and path in _api_paths(app):

@@ -16,6 +16,7 @@ import numpy as np
 
 from service.errors import ProblemError
 from service.runtime import ModelRuntime
+from service.schemas import ReferenceKind
 from service.settings import CALIBRATION_REFERENCE
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ class ReferenceScores:
     """Scores of one in-distribution reference set."""
 
     name: str
-    kind: str  # "calibration", "registered" or "upload"
+    kind: ReferenceKind
     scores: dict[str, np.ndarray]  # score name -> (n,) scores; missing = unavailable
     n_images: int
 

@@ -116,9 +116,12 @@ class ScoreMetrics(BaseModel):
     n_out: int
 
 
+ReferenceKind = Literal["calibration", "registered", "upload"]
+
+
 class ReferenceInfo(BaseModel):
     name: str
-    kind: Literal["calibration", "registered", "upload"]
+    kind: ReferenceKind
     n_images: int
 
 

@@ -13,11 +13,16 @@ import inspect
 import re
 import typing
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from training.flags import argparse_type, flag_name
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 __all__ = ["add_dataclass_arguments", "dataclass_from_args", "field_descriptions"]
+
+DataclassT = TypeVar("DataclassT", bound="DataclassInstance")
 
 
 def field_descriptions(cls: type) -> dict[str, str]:
@@ -80,12 +85,13 @@ def add_dataclass_arguments(
         action = parser.add_argument(
             flag_name(f.name, prefix), dest=prefix + f.name, help=text, **options
         )
+        help_text = action.help or ""
         if options.get("required"):
-            action.help += " (required)"
-        elif "%(default)" not in action.help:  # older BooleanOptionalActions add it themselves
+            action.help = help_text + " (required)"
+        elif "%(default)" not in help_text:  # older BooleanOptionalActions add it themselves
             default = options["default"]
             shown = " ".join(map(str, default)) if isinstance(default, list) else repr(default)
-            action.help += f" (default: {shown})".replace("%", "%%")
+            action.help = help_text + f" (default: {shown})".replace("%", "%%")
 
 
 def _argument_options(f: dataclasses.Field, kind: Any) -> dict[str, Any]:
@@ -109,7 +115,9 @@ def _parse_type(f: dataclasses.Field, kind: Any) -> Callable[[str], Any]:
     return argparse_type(check) if check is not None else kind
 
 
-def dataclass_from_args(cls: type, ns: argparse.Namespace, prefix: str = "", **overrides: Any):
+def dataclass_from_args(
+    cls: type[DataclassT], ns: argparse.Namespace, prefix: str = "", **overrides: Any
+) -> DataclassT:
     """Build ``cls`` from the parsed flags that ``add_dataclass_arguments`` added
     (a list of ``nargs="+"`` becomes the field's tuple)."""
     values = {

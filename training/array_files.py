@@ -15,7 +15,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import numpy as np
 
@@ -191,7 +191,7 @@ def _check_npz_magic(path: Path) -> None:
     raise DataError(f"{path}: not a .npz file (a zip archive of .npy arrays)")
 
 
-def _npy_header(where: str, member: BinaryIO) -> tuple[tuple[int, ...], np.dtype]:
+def _npy_header(where: str, member: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
     """``(shape, dtype)`` from the header of a ``.npy`` member, without reading its data."""
     version = np.lib.format.read_magic(member)
     if version not in _NPY_VERSIONS:

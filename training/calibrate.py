@@ -44,16 +44,16 @@ class CalibrateArgs:
 
     Parameters
     ----------
+    checkpoint : str
+        Checkpoint directory to calibrate; calibration.json and the report are
+        written into it. Required: a default would overwrite the calibration of
+        whichever checkpoint it names.
     data : str
         Data source spec of held-out in-distribution images (never the training
         set), in any form --data of `vaebm train` takes, e.g. my_heldout_images/ or
         t10k-images-idx3-ubyte.gz@0:5000.
         Required: no default can know which images are in-distribution for a
         checkpoint, and a wrong guess overwrites its calibration.
-    checkpoint : str
-        Checkpoint directory to calibrate; calibration.json and the report are
-        written into it. Required: a default would overwrite the calibration of
-        whichever checkpoint it names.
     target_fpr : float
         alpha, the share of in-distribution images each threshold may flag as OOD;
         at least 1/n for n calibration images, at most 0.5.
@@ -76,8 +76,8 @@ class CalibrateArgs:
         auto (CUDA when present, CPU otherwise), cpu, cuda or cuda:N.
     """
 
-    data: str = flags.checked_required(flags.data_spec)
     checkpoint: str
+    data: str = flags.checked_required(flags.data_spec)
     target_fpr: float = checked(0.05, flags.in_range(float, 0, 0.5, low_open=True))
     holdout_fraction: float = checked(0.5, flags.open_fraction)
     default_score: str = checked("", flags.one_of("", *SCORES))
@@ -281,7 +281,13 @@ def fit_typicality(
     return reference, values
 
 
-def write_report(directory: Path, calibration: Calibration, scores, cal_idx, holdout_idx) -> None:
+def write_report(
+    directory: Path,
+    calibration: Calibration,
+    scores: dict[str, np.ndarray],
+    cal_idx: np.ndarray,
+    holdout_idx: np.ndarray,
+) -> None:
     """calibration_report.md and calibration_histograms.png beside calibration.json."""
     thresholds = {name: c.threshold for name, c in calibration.scores.items()}
     score_histograms(

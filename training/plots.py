@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from model.checkpoint import atomic_write_bytes  # noqa: E402
 from model.metrics import roc_curve_points  # noqa: E402
@@ -39,7 +40,7 @@ def _line_styles(n: int) -> list[dict]:
     ]
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=90)

@@ -68,7 +68,8 @@ def score_dataset(
 
 def _save_cache(path: Path, key: str, parts: dict[str, list[np.ndarray]]) -> None:
     buffer = io.BytesIO()
-    np.savez(buffer, key=np.array(key), **{n: np.concatenate(v) for n, v in parts.items()})
+    arrays = {n: np.concatenate(v) for n, v in parts.items()}
+    np.savez(buffer, key=np.array(key), **arrays)  # type: ignore[arg-type]  # no score is named allow_pickle
     atomic_write_bytes(path, buffer.getvalue())
 
 

@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.distributed
@@ -286,7 +287,8 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext, prefix: str = "") -> dict:
     )
     buffer = PersistentBuffer(vae, args.buffer_size) if args.buffer_size else None
     ema = averaged_energy(energy, args.ema_decay)
-    step, seconds_before, metrics = 0, 0.0, {}
+    step, seconds_before = 0, 0.0
+    metrics: dict[str, Any] = {}
     if state is not None:
         step, seconds_before, metrics = restore(
             out / STATE_NAME, state, energy, optimizer, buffer, ema
@@ -295,7 +297,7 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext, prefix: str = "") -> dict:
             metrics = dict(info.metrics.get("ebm", {}))
         log.info("resumed EBM training from %s at step %d", out, step)
     net = DistributedDataParallel(energy) if ctx.distributed else energy
-    published = model if ema is None else VAEBM(vae, ema.module)
+    published = model if ema is None else VAEBM(vae, cast(EnergyNet, ema.module))
     started = time.time() - seconds_before
 
     def save() -> None:  # the state at the current step, then its checkpoint
@@ -474,7 +476,7 @@ def negatives(
         reuse = args.buffer_reuse * min(1.0, step / max(args.buffer_ramp_steps, 1))
         noise.eps_z, idx = buffer.draw(n, reuse, temperature=args.negative_temperature)
     noise = model.langevin(noise, steps=args.langevin_steps, step_size=args.step_size)
-    if buffer is not None:
+    if buffer is not None and idx is not None:
         buffer.update(idx, noise.eps_z)
     with torch.no_grad():
         sample, mean = model.decode(noise)
@@ -503,19 +505,19 @@ def evaluate_energy(
 
 
 def _save(
-    out,
-    model,
-    published,
-    optimizer,
-    buffer,
-    ema,
-    step,
-    args,
+    out: Path,
+    model: VAEBM,
+    published: VAEBM,
+    optimizer: torch.optim.Optimizer,
+    buffer: PersistentBuffer | None,
+    ema: AveragedModel | None,
+    step: int,
+    args: EBMTrainArgs,
     info: CheckpointInfo,
-    metrics,
-    started,
+    metrics: dict[str, Any],
+    started: float,
     vae_digest: str,
-):
+) -> None:
     """Write the resumable state first, then the published checkpoint (``published``:
     the model whose energy is the moving average when there is one)."""
     state = {

@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -236,7 +237,8 @@ def train_vae(args: VAETrainArgs, ctx: DistContext) -> dict:
     energy = EnergyNet(EnergyConfig(args.channels, args.image_size, args.energy_hidden))
     model = VAEBM(vae, energy.to(ctx.device))
     optimizer = torch.optim.Adamax(vae.parameters(), lr=args.lr)
-    step, seconds_before, metrics = 0, 0.0, {}
+    step, seconds_before = 0, 0.0
+    metrics: dict[str, Any] = {}
     if state is not None:
         step, seconds_before, metrics = restore(out / STATE_NAME, state, vae, optimizer)
         # The final save's state holds the final metrics too; they stand only if this run
@@ -329,8 +331,15 @@ def _finished_metrics(out: Path, step: int) -> dict | None:
 
 
 def _save(
-    out: Path, model: VAEBM, optimizer, step: int, args, metrics: dict, secs: float, final=False
-):
+    out: Path,
+    model: VAEBM,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    args: VAETrainArgs,
+    metrics: dict[str, Any],
+    secs: float,
+    final: bool = False,
+) -> None:
     """Write the resumable state first, then the published checkpoint; ``final``: the
     last save, after the final evaluation."""
     save_state(

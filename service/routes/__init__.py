@@ -21,7 +21,7 @@ def add_head_routes(router: APIRouter) -> None:
     the includer's dependencies (the API key check) cover the twins too. Kept out of the
     OpenAPI schema, where it would repeat the GET operation."""
     for route in list(router.routes):
-        if isinstance(route, APIRoute) and "GET" in route.methods:
+        if isinstance(route, APIRoute) and "GET" in (route.methods or ()):
             router.add_api_route(
                 route.path,
                 route.endpoint,
