@@ -395,6 +395,7 @@ def test_ebm_divergence_exits_3_and_keeps_the_last_good_checkpoint(tmp_path, vae
         ("ema_decay", 1.0),
         ("negative_temperature", 0.0),
         ("corruption_weight", -1.0),
+        ("positive_variance_weight", -1e-4),
         ("corruption_blur_min", 0.0),
         ("corruption_blur_max", 1.0),
         ("corruption_pairs", "some"),
@@ -419,6 +420,7 @@ STUDY_OPTIONS = [
     ({"corruption_pairs": "all"}, {"corruption_weight": 1.0}),
     ({"spectral_head": True}, {}),
     ({"energy_head": "global"}, {}),
+    ({"positive_variance_weight": 1.0}, {}),
 ]
 STUDY_RUN = {"steps": 2, "eval_every": 2, "checkpoint_every": 2}
 

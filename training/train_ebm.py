@@ -160,6 +160,14 @@ class EBMTrainArgs:
         Which clean images each corrupted one must outrank: "own" (its original) or
         "all" (every clean image of the batch, a bounded AUROC surrogate). Tried:
         "all" traded the constant pair for MNIST.
+    positive_variance_weight : float
+        Not in the paper: adds this weight times the variance of the batch's positive
+        energies (nats^2). Where the VAE's density is right, as on the data, the energy
+        should be nearly flat; contrastive divergence leaves rare kinds of training image
+        costly (docs/ood-analysis.md, "Is the energy's tail a failure to generalise?"),
+        and this pulls each positive towards the batch's mean energy: with 1e-4, one 4
+        standard deviations of 1200 nats above it is pushed down as hard again as
+        contrastive divergence pushes every positive. 0 is off.
     spectral_head : bool
         Not in the paper: the spectral-norm regulariser also covers the head's linear
         layers, otherwise kept small by weight decay alone. Tried: no AUROC moved by
@@ -214,6 +222,7 @@ class EBMTrainArgs:
     corruption_blur_min: float = checked(3.0, flags.positive_float)
     corruption_blur_max: float = checked(3.0, flags.positive_float)
     corruption_pairs: str = checked("own", flags.one_of(*CORRUPTION_PAIRS))
+    positive_variance_weight: float = checked(0.0, flags.non_negative_float)
     spectral_head: bool = False
     negative_temperature: float = checked(1.0, flags.positive_float)
     eval_every: int = checked(100, flags.positive_int)
@@ -329,6 +338,8 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext, prefix: str = "") -> dict:
             if e_corrupted:
                 ranking = corruption_ranking_loss(e_pos, e_corrupted[0], args.corruption_pairs)
                 loss = loss + args.corruption_weight * ranking
+            if args.positive_variance_weight:
+                loss = loss + args.positive_variance_weight * e_pos.var(unbiased=False)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(energy.parameters(), args.grad_clip)
