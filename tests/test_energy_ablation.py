@@ -23,6 +23,7 @@ import named_runs  # noqa: E402
 import numpy as np  # noqa: E402
 import same_vae  # noqa: E402
 import vaebm_vs_iwae  # noqa: E402
+import warm_start  # noqa: E402
 
 
 def test_compare_to_iwae_sorts_pairs_into_better_equal_worse():
@@ -199,6 +200,38 @@ def test_last_iterate_exports_the_state_energy_with_the_runs_vae(tiny_checkpoint
     assert sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir()) == before
     with pytest.raises(FileExistsError, match="already holds a checkpoint"):
         last_iterate.export_last_iterate(run, out)
+
+
+def test_warm_start_continues_training_from_the_published_energy(tiny_checkpoint, data, tmp_path):
+    from model.checkpoint import load_checkpoint
+    from training.runtime import setup_distributed
+    from training.train_ebm import EBMTrainArgs, train_ebm
+
+    out = tmp_path / "ws"
+    settings = {"buffer_size": 16, "ema_decay": 0.999, "beta1": 0.99, "weight_decay": 3e-5}
+    assert warm_start.warm_start(tiny_checkpoint, out, step=4, seed=0, **settings) == 4
+    source, _ = load_checkpoint(tiny_checkpoint)
+    copied, info = load_checkpoint(out)
+    assert info.training["ebm"]["warm_start"]["from"] == str(tiny_checkpoint)
+    for key, value in source.state_dict().items():
+        assert torch.equal(copied.state_dict()[key], value), key
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        warm_start.warm_start(tiny_checkpoint, out, step=4, seed=0, **settings)
+
+    # The state resumes under the same settings, one step past it, from that energy.
+    args = EBMTrainArgs(
+        checkpoint=str(out), data=data, steps=5, batch_size=8, langevin_steps=2,
+        step_size=1e-3, lr=1e-6, buffer_ramp_steps=2, eval_every=1, checkpoint_every=1,
+        eval_images=16, device="cpu", resume=True, energy_hidden=8, **settings,
+    )  # fmt: skip
+    train_ebm(args, setup_distributed("cpu"))
+    trained, info = load_checkpoint(out)
+    assert info.training["ebm"]["completed_steps"] == 5
+    weights = dict(trained.energy.named_parameters())  # not the power-iteration vectors
+    moved = [
+        float((weights[key] - value).abs().max()) for key, value in source.energy.named_parameters()
+    ]
+    assert 0 < max(moved) < 1e-5  # one step of lr 1e-6 from the published weights, not afresh
 
 
 def test_same_vae_finds_the_one_tensor_that_differs(tiny_checkpoint):
