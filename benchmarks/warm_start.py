@@ -70,9 +70,10 @@ def warm_start(
     ema = averaged_energy(energy, ema_decay)
     if ema is not None:
         state["ema"] = ema.state_dict()
+    # Beside "ebm", which the resumed run rewrites with its own arguments: kept after it.
     info.training = {
         **info.training,
-        "ebm": {**ebm, "warm_start": {"from": str(checkpoint), "command": this_command()}},
+        "ebm_warm_start": {"from": str(checkpoint), "step": at, "command": this_command()},
     }
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out, model, info)

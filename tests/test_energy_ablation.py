@@ -212,7 +212,7 @@ def test_warm_start_continues_training_from_the_published_energy(tiny_checkpoint
     assert warm_start.warm_start(tiny_checkpoint, out, step=4, seed=0, **settings) == 4
     source, _ = load_checkpoint(tiny_checkpoint)
     copied, info = load_checkpoint(out)
-    assert info.training["ebm"]["warm_start"]["from"] == str(tiny_checkpoint)
+    assert info.training["ebm_warm_start"]["from"] == str(tiny_checkpoint)
     for key, value in source.state_dict().items():
         assert torch.equal(copied.state_dict()[key], value), key
     with pytest.raises(FileExistsError, match="already holds a checkpoint"):
@@ -227,6 +227,7 @@ def test_warm_start_continues_training_from_the_published_energy(tiny_checkpoint
     train_ebm(args, setup_distributed("cpu"))
     trained, info = load_checkpoint(out)
     assert info.training["ebm"]["completed_steps"] == 5
+    assert info.training["ebm_warm_start"]["from"] == str(tiny_checkpoint)  # kept by training
     weights = dict(trained.energy.named_parameters())  # not the power-iteration vectors
     moved = [
         float((weights[key] - value).abs().max()) for key, value in source.energy.named_parameters()
