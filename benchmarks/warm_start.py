@@ -30,7 +30,7 @@ from command_line import this_command
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.vaebm import PersistentBuffer
 from training.runtime import rng_state, save_state, state_digest
-from training.train_ebm import STATE_NAME, VAE_DIGEST, averaged_energy
+from training.train_ebm import STATE_NAME, VAE_DIGEST, averaged_energy, energy_optimizer
 
 
 def warm_start(
@@ -53,9 +53,7 @@ def warm_start(
     energy, vae = model.energy, model.vae
     ebm = info.training.get("ebm", {})
     at = int(ebm.get("completed_steps", 0)) if step is None else step
-    optimizer = torch.optim.Adam(  # as train_ebm builds it; the lr is set every step
-        energy.parameters(), lr=1e-5, betas=(beta1, 0.999), weight_decay=weight_decay
-    )
+    optimizer = energy_optimizer(energy, 1e-5, beta1, weight_decay)  # lr: set every step
     state = {
         "energy": energy.state_dict(),
         "optimizer": optimizer.state_dict(),

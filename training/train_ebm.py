@@ -293,9 +293,7 @@ def train_ebm(args: EBMTrainArgs, ctx: DistContext, prefix: str = "") -> dict:
     )
     model = VAEBM(vae, energy.to(ctx.device))
     energy.train()
-    optimizer = torch.optim.Adam(
-        energy.parameters(), lr=args.lr, betas=(args.beta1, 0.999), weight_decay=args.weight_decay
-    )
+    optimizer = energy_optimizer(energy, args.lr, args.beta1, args.weight_decay)
     buffer = PersistentBuffer(vae, args.buffer_size) if args.buffer_size else None
     ema = averaged_energy(energy, args.ema_decay)
     step, seconds_before = 0, 0.0
@@ -466,6 +464,16 @@ def learning_rate(step: int, args: EBMTrainArgs) -> float:
     if start <= 0 or step < start:
         return args.lr
     return args.lr * max(args.steps - step, 0) / max(args.steps - start, 1)
+
+
+def energy_optimizer(
+    energy: EnergyNet, lr: float, beta1: float, weight_decay: float
+) -> torch.optim.Adam:
+    """The energy's Adam (second-moment decay 0.999, as in the paper). A resumed run takes
+    the betas and weight decay back from its saved state; the lr is set every step."""
+    return torch.optim.Adam(
+        energy.parameters(), lr=lr, betas=(beta1, 0.999), weight_decay=weight_decay
+    )
 
 
 def averaged_energy(energy: EnergyNet, decay: float) -> AveragedModel | None:
